@@ -1,0 +1,55 @@
+"""`localmix COMMAND ...`: one module per command under localmix/commands, imported only when run,
+so `localmix --help` stays fast (no llama.cpp, numpy or torch at start-up)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# command -> (module under localmix.commands, one-line help)
+COMMANDS = {
+    "quantize": ("quantize", "Hugging Face checkpoint (folder or repo id) to a 4-bit GGUF in one streaming pass"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="localmix", description="Run Mixtral-class MoE models on one desktop: GPU + RAM + CPU.")
+    p.add_argument("--version", action="version", version=f"localmix {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        _arguments(module)(sp)
+    return p
+
+
+def _arguments(module: str):
+    # Each command module keeps its top level import-light: heavy imports happen inside `run`.
+    return importlib.import_module(f"localmix.commands.{module}").add_arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    from quantize.errors import QuantizeError
+
+    from .errors import UserError
+
+    try:
+        return importlib.import_module(f"localmix.commands.{args._module}").run(args) or 0
+    except (UserError, QuantizeError) as e:
+        print(f"localmix {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"localmix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""One streaming pass from a Hugging Face checkpoint folder to a GGUF file.
+
+read (checkpoint.py) -> plan every output tensor: name, shape, type (mapping.py, recipe.py)
+-> write the header (metadata.py, vocab.py) -> stream each tensor in row blocks: bf16/f16/f32 to f32,
+q/k RoPE permutation, llama.cpp's kernel (ggml.py) -> rename the finished file into place.
+
+Memory: the weights are memory-mapped and processed in blocks of rows; each block's source pages are
+dropped from our resident set when done. Peak RSS is the program itself plus, per worker thread, two
+blocks of BLOCK_ELEMENTS float32 values, whatever the model size (an expert matrix is never whole in
+memory, let alone the model).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import __version__
+from .checkpoint import Checkpoint, TensorRef, disk_free, open_checkpoint, to_f32
+from .errors import QuantizeError
+from .ggml import default_threads, quantize_rows
+from .mapping import gguf_order, map_name
+from .metadata import HParams, add_hparams, llama3_rope_freqs, read_hparams
+from .recipe import OUT_TYPES, ModelShape, row_bytes, tensor_type
+from .vocab import load_vocab
+
+BLOCK_ELEMENTS = 1 << 20  # weights handed to one kernel call: 4 MiB of float32
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
+STORED = {"BF16": T.BF16, "F16": T.F16, "F32": T.F32}
+
+
+@dataclass
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order: (n_expert,) rows, row length
+    type: T
+    parts: list[TensorRef]  # one per expert for stacked tensors, else one
+    permute: str | None = None  # "q"/"k": rows reordered for llama.cpp's RoPE
+    extra: np.ndarray | None = None  # a tensor we compute instead of read (rope_freqs)
+
+    @property
+    def ne0(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        n_rows = int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+        return n_rows * row_bytes(self.type, self.ne0)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass
+class Summary:
+    path: Path
+    out_type: str
+    file_bytes: int
+    n_params: int
+    seconds: float
+    peak_rss: int
+    types: Counter = field(default_factory=Counter)
+    hparams: HParams | None = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.file_bytes * 8 / max(1, self.n_params)
+
+
+def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str) -> list[OutTensor]:
+    """Every output tensor with its shape and type, in the order llama.cpp lists them."""
+    grouped: dict[str, dict] = {}
+    for ref in ck.tensors.values():
+        try:
+            m = map_name(ref.name)
+        except KeyError:
+            raise QuantizeError(f"unexpected tensor {ref.name} for {hp.arch}") from None
+        if m is None:
+            continue
+        g = grouped.setdefault(m.gguf_name, {"parts": {}, "permute": m.permute})
+        g["parts"][m.expert if m.expert is not None else -1] = ref
+
+    tied = "output.weight" not in grouped
+    shape = ModelShape(hp.n_layer, hp.n_expert, hp.n_head, hp.n_head_kv, tied)
+    out: list[OutTensor] = []
+    for name, g in grouped.items():
+        parts = [g["parts"][k] for k in sorted(g["parts"])]
+        first = parts[0]
+        if any(p.shape != first.shape for p in parts):
+            raise QuantizeError(f"experts of {name} have different shapes")
+        if -1 not in g["parts"]:  # stacked experts
+            if sorted(g["parts"]) != list(range(hp.n_expert)):
+                raise QuantizeError(f"{name}: expected {hp.n_expert} experts, found {len(parts)}")
+            tshape = (len(parts), *first.shape)
+        else:
+            tshape = first.shape
+        stored = STORED[first.dtype] if len(tshape) >= 2 else T.F32
+        if name.endswith("ffn_gate_inp.weight"):
+            stored = T.F32  # routers stay F32, as llama.cpp writes them
+        t = tensor_type(name, tshape[-1], len(tshape), stored, out_type, shape)
+        out.append(OutTensor(name, tuple(tshape), t, parts, g["permute"]))
+    freqs = llama3_rope_freqs(hp)
+    if freqs is not None:
+        out.append(OutTensor("rope_freqs.weight", freqs.shape, T.F32, [], extra=freqs))
+    _check_complete(out, hp)
+    return sorted(out, key=lambda t: gguf_order(t.name))
+
+
+def _check_complete(tensors: list[OutTensor], hp: HParams) -> None:
+    names = {t.name for t in tensors}
+    ffn = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if hp.is_moe else ("ffn_gate", "ffn_up", "ffn_down")
+    need = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{b}.{s}.weight"
+        for b in range(hp.n_layer)
+        for s in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", *ffn)
+    ]
+    missing = [n for n in need if n not in names]
+    if missing:
+        raise QuantizeError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0]}")
+
+
+def _row_order(t: OutTensor, hp: HParams, n_rows: int) -> np.ndarray | None:
+    """llama.cpp's q/k layout: within each head, the two rotary halves are interleaved."""
+    if t.permute is None:
+        return None
+    heads = hp.n_head if t.permute == "q" else hp.n_head_kv
+    return np.arange(n_rows).reshape(heads, 2, n_rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+class Encoder:
+    """Turns one source matrix into the bytes of its output type, block of rows by block of rows,
+    on a pool of threads (numpy and ctypes both release the GIL for the heavy parts)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def encode(self, ref: TensorRef, raw: np.ndarray, out_type: T, order: np.ndarray | None) -> Iterator[np.ndarray]:
+        rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
+        n_rows, ne0 = rows.shape
+        step = max(1, BLOCK_ELEMENTS // ne0)
+        same = STORED[ref.dtype] == out_type
+
+        def work(r0: int) -> np.ndarray:
+            sel = slice(r0, min(r0 + step, n_rows))
+            src = rows[order[sel]] if order is not None else rows[sel]
+            if same:  # a copy, exact (bf16 to BF16, f32 norms)
+                return np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+            f32 = to_f32(ref, src)
+            if out_type == T.F32:
+                return f32.view(np.uint8).reshape(-1)
+            return quantize_rows(int(out_type), f32)
+
+        starts = list(range(0, n_rows, step))
+        window = self.threads * 2  # bounded read-ahead keeps memory flat
+        for i in range(0, len(starts), window):
+            yield from self.pool.map(work, starts[i : i + window])
+            ref.file.release(ref)
+
+
+def _write_padding(fout, n: int) -> None:
+    pad = -n % ALIGNMENT
+    if pad:
+        fout.write(b"\0" * pad)
+
+
+def _temp_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.{os.getpid()}.partial")
+
+
+def default_name(model_name: str, out_type: str) -> str:
+    return f"{model_name.replace('/', '--')}-{out_type}.gguf"
+
+
+def convert(
+    folder: Path,
+    out: Path,
+    out_type: str = "Q4_K_M",
+    *,
+    force: bool = False,
+    threads: int | None = None,
+    source: dict | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Summary:
+    """Convert the checkpoint in `folder` to `out`. `source` may carry `repo` and `revision` for the
+    metadata. The callbacks report (number of tensors, total bytes), each finished tensor, and bytes."""
+    if out_type not in OUT_TYPES:
+        raise QuantizeError(f"unknown type {out_type} (choose from {', '.join(OUT_TYPES)})")
+    if out.exists() and not force:
+        raise QuantizeError(f"{out} already exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise QuantizeError(f"output folder {out.parent} does not exist")
+    t0 = time.perf_counter()
+    source = source or {}
+
+    ck = open_checkpoint(folder)
+    try:
+        hp = read_hparams(ck.config)
+        tensors = plan_tensors(ck, hp, out_type)
+        vocab = load_vocab(folder, hp.vocab_size)
+
+        name = source.get("repo") or folder.resolve().name
+        w = gguf.GGUFWriter(path=None, arch="llama")
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(name.split("/")[-1])
+        w.add_file_type(int(OUT_TYPES[out_type].ftype))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_quantized_by(f"localmix {__version__}")
+        if source.get("repo"):
+            w.add_string("general.source.huggingface.repository", source["repo"])
+        if source.get("revision"):
+            w.add_string("localmix.source.revision", source["revision"])
+        w.add_string("localmix.version", __version__)
+        add_hparams(w, hp)
+        vocab.add_to(w)
+        for t in tensors:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+
+        data_bytes = sum(t.nbytes + (-t.nbytes % ALIGNMENT) for t in tensors)
+        free = disk_free(out.parent)
+        if free < data_bytes + (64 << 20):
+            raise QuantizeError(
+                f"not enough disk space in {out.parent}: need {data_bytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
+            )
+        if on_start:
+            on_start(len(tensors), data_bytes)
+
+        tmp = _temp_path(out)
+        encoder = Encoder(threads or default_threads())
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        try:
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            fout = w.fout[0]
+            _write_padding(fout, fout.tell())
+            for t in tensors:
+                written = 0
+                if t.extra is not None:
+                    fout.write(t.extra.tobytes())
+                    written = t.extra.nbytes
+                order = _row_order(t, hp, t.parts[0].shape[0]) if t.parts else None
+                for ref in t.parts:
+                    raw = ref.file.raw(ref)
+                    for block in encoder.encode(ref, raw, t.type, order):
+                        fout.write(block)
+                        written += block.nbytes
+                        if on_bytes:
+                            on_bytes(block.nbytes)
+                    del raw
+                if written != t.nbytes:
+                    raise QuantizeError(f"internal error: {t.name} wrote {written} bytes, planned {t.nbytes}")
+                _write_padding(fout, written)
+                if on_tensor:
+                    on_tensor(t.name, t.nbytes)
+            fout.flush()
+            os.fsync(fout.fileno())
+            w.close()
+            os.replace(tmp, out)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                raise QuantizeError(f"disk full while writing {out}; nothing was left at {out}") from None
+            raise QuantizeError(f"cannot write {out}: {e.strerror or e}") from None
+        finally:
+            encoder.close()
+            if w.fout:
+                for f in w.fout:
+                    f.close()
+            tmp.unlink(missing_ok=True)
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+    finally:
+        ck.close()
+
+    types = Counter(t.type.name for t in tensors)
+    return Summary(
+        path=out,
+        out_type=out_type,
+        file_bytes=out.stat().st_size,
+        n_params=sum(t.n_elements for t in tensors),
+        seconds=time.perf_counter() - t0,
+        peak_rss=peak_rss(),
+        types=types,
+        hparams=hp,
+    )
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def quantize_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, out_type: str = "Q4_K_M", **kw) -> Summary:
+    return convert(Path(folder), Path(out), out_type, **kw)

@@ -1,0 +1,60 @@
+"""llama.cpp's own quantization kernels, called through ctypes from the libggml that llama-cpp-python
+ships. `ggml_quantize_chunk` works row by row and holds no Python state, so threads can quantize
+disjoint row ranges of one tensor at once (ctypes releases the GIL during the call).
+Checked: per-tensor calls reproduce llama-quantize's output byte for byte (see tests)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import cache
+
+import numpy as np
+
+from .errors import QuantizeError
+from .recipe import row_bytes
+
+@cache
+def lib() -> ctypes.CDLL:
+    try:
+        from llama_cpp import _ggml  # loads libggml and, through it, libggml-base
+    except Exception as e:  # an import error here means a broken llama-cpp-python install
+        raise QuantizeError(f"cannot load llama.cpp's libggml from llama-cpp-python: {e}") from None
+    g = _ggml.libggml
+    g.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    g.ggml_quantize_chunk.restype = ctypes.c_size_t
+    g.ggml_quantize_init.argtypes = [ctypes.c_int]
+    g.ggml_quantize_init.restype = None
+    g.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    g.ggml_row_size.restype = ctypes.c_size_t
+    g.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    g.ggml_validate_row_data.restype = ctypes.c_bool
+    return g
+
+
+@cache
+def _init(ggml_type: int) -> None:
+    lib().ggml_quantize_init(ggml_type)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def quantize_rows(ggml_type: int, rows: np.ndarray) -> np.ndarray:
+    """Quantize a C-contiguous float32 [n_rows, n_per_row] array to `ggml_type` with llama.cpp's kernel
+    (which also does F16 and BF16 with llama.cpp's rounding); returns the bytes as a uint8 array."""
+    assert rows.dtype == np.float32 and rows.flags.c_contiguous and rows.ndim == 2
+    n_rows, n_per_row = rows.shape
+    rb = row_bytes(ggml_type, n_per_row)
+    out = np.empty(rb * n_rows, dtype=np.uint8)
+    g = lib()
+    _init(ggml_type)
+    written = g.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
+    if written != out.nbytes or g.ggml_row_size(ggml_type, n_per_row) != rb:
+        raise QuantizeError(f"internal error: llama.cpp wrote {written} bytes, expected {out.nbytes}")
+    if not g.ggml_validate_row_data(ggml_type, out.ctypes.data, out.nbytes):
+        raise QuantizeError("llama.cpp rejected the quantized data (non-finite weights in the checkpoint?)")
+    return out

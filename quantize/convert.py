@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -324,8 +325,17 @@ def _raise_interrupt(signum, frame):
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process, in bytes. Linux's VmHWM starts afresh at exec, while
+    ru_maxrss carries the parent's peak over a fork+exec (a child of a big process would report it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def quantize_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, out_type: str = "Q4_K_M", **kw) -> Summary:

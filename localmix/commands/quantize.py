@@ -91,13 +91,14 @@ def run(args: argparse.Namespace) -> int:
     con = Console()
     hp = s.hparams
     table = Table(show_header=False, box=None, padding=(0, 2))
-    table.add_row("file", str(s.path))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
     table.add_row("size", f"{_fmt_bytes(s.file_bytes)} ({s.bits_per_weight:.2f} bits per weight)")
-    kind = f"{hp.n_expert}x experts, top-{hp.n_expert_used}" if hp.is_moe else "dense"
+    kind = f"{hp.n_expert} experts, top-{hp.n_expert_used}" if hp.is_moe else "dense"
     table.add_row("model", f"{hp.arch}, {s.n_params / 1e9:.2f} B parameters, {hp.n_layer} layers, {kind}")
     table.add_row("tensors", ", ".join(f"{t} {n}" for t, n in sorted(s.types.items(), key=lambda kv: -kv[1])))
     table.add_row("time", _fmt_time(s.seconds))
     table.add_row("peak memory", _fmt_bytes(s.peak_rss))
-    con.print(f"[bold green]Quantized[/] {args.src} to {s.out_type}")
+    con.print(f"[bold green]Wrote[/] {s.path}", soft_wrap=True)  # whole, for copy-paste
     con.print(table)
     return 0

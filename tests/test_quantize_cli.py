@@ -1,0 +1,214 @@
+"""`localmix quantize` as a user runs it: the default output in the model store, the summary, and every
+bad input answered by one clear line, a non-zero exit and nothing left at OUT."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from gguf_compare import metadata
+
+
+def assert_clean_failure(result, out: Path, expect: str):
+    err = result.stderr.strip()
+    assert result.returncode != 0
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert expect in err, err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if "partial" in p.name] if out.parent.exists() else True
+
+
+def test_default_output_goes_to_the_model_store_with_a_summary(tiny):
+    r = run_cli("quantize", str(tiny))
+    assert r.returncode == 0, r.stderr
+    out = Path(os.environ["LOCALMIX_HOME"]) / "models" / "tiny-mixtral-v3-Q4_K_M.gguf"
+    assert out.is_file()
+    assert str(out) in r.stdout
+    assert "bits per weight" in r.stdout and "Q4_K" in r.stdout and "peak memory" in r.stdout
+    assert "8 experts, top-2" in r.stdout
+
+
+def test_output_exists_needs_force(tiny, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    r = run_cli("quantize", str(tiny), "-o", str(out), "--type", "q8_0")
+    assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
+    assert out.read_bytes() == b"keep me"
+    r = run_cli("quantize", str(tiny), "-o", str(out), "--type", "Q8_0", "--force")
+    assert r.returncode == 0, r.stderr
+    assert metadata(out)["general.file_type"] == 7
+
+
+def test_metadata_users_and_llama_cpp_need(tiny_gguf, upcycled_gguf):
+    m = metadata(tiny_gguf("Q4_K_M"))
+    assert m["general.architecture"] == "llama"
+    assert m["llama.expert_count"] == 8 and m["llama.expert_used_count"] == 2
+    assert m["llama.rope.freq_base"] == 1e6  # from config.json's rope_parameters
+    assert m["llama.context_length"] == 4096
+    assert m["llama.rope.dimension_count"] == 64 and m["llama.attention.head_count_kv"] == 2
+    assert m["tokenizer.ggml.model"] == "llama"
+    assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert m["tokenizer.ggml.add_bos_token"] is True
+    assert "[INST]" in m["tokenizer.chat_template"]  # from tokenizer_config.json
+    assert m["localmix.version"] and m["general.quantized_by"].startswith("localmix")
+    assert m["general.file_type"] == 15 and m["general.quantization_version"] == 2
+    tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
+    for control in ("[AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[INST]"):
+        assert types[tokens.index(control)] == 3, control  # CONTROL: Mixtral 8x22B's v3 tool tokens
+
+    u = metadata(upcycled_gguf("Q4_K_M"))
+    assert u["tokenizer.ggml.model"] == "gpt2" and u["tokenizer.ggml.pre"] == "smollm"
+    assert "<|im_start|>" in u["tokenizer.chat_template"]  # from chat_template.jinja
+    assert u["llama.rope.freq_base"] == 1e5
+
+
+def test_v3_control_tokens_are_special_in_llama_cpp(tiny_gguf):
+    from llama_cpp import Llama
+
+    llm = Llama(str(tiny_gguf("Q4_K_M")), vocab_only=True, verbose=False)
+    ids = llm.tokenize(b"[AVAILABLE_TOOLS][TOOL_CALLS][TOOL_RESULTS]", add_bos=False, special=True)
+    llm.close()
+    assert ids == [6, 5, 8]
+
+
+def test_rope_theta_at_top_level_and_source_from_hub_cache(tiny, tmp_path, monkeypatch):
+    """An older config.json (rope_theta at top level), read from the Hugging Face cache as a hub id:
+    the GGUF records the repo and the revision."""
+    hf_home = Path(os.environ["HF_HOME"])
+    snap = hf_home / "hub" / "models--acme--tiny-moe" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny, snap)
+    (hf_home / "hub" / "models--acme--tiny-moe" / "refs").mkdir()
+    (hf_home / "hub" / "models--acme--tiny-moe" / "refs" / "main").write_text("a" * 40)
+    cfg = json.loads((snap / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg["rope_theta"] = 123456.0
+    (snap / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "hub.gguf"
+    r = run_cli("quantize", "acme/tiny-moe", "-o", str(out), "--type", "Q4_0")
+    assert r.returncode == 0, r.stderr
+    m = metadata(out)
+    assert m["llama.rope.freq_base"] == 123456.0
+    assert m["general.source.huggingface.repository"] == "acme/tiny-moe"
+    assert m["localmix.source.revision"] == "a" * 40
+
+
+def test_chat_template_from_jinja_file(tiny, tmp_path):
+    src = tmp_path / "ckpt"
+    shutil.copytree(tiny, src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (src / "chat_template.jinja").write_text("{{ 'JINJA-TEMPLATE' }}")
+    r = run_cli("quantize", str(src), "-o", str(tmp_path / "j.gguf"), "--type", "Q4_0")
+    assert r.returncode == 0, r.stderr
+    assert metadata(tmp_path / "j.gguf")["tokenizer.chat_template"] == "{{ 'JINJA-TEMPLATE' }}"
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken(tiny, tmp_path):
+    src = tmp_path / "ckpt"
+    shutil.copytree(tiny, src)
+    return src
+
+
+def _shards(folder):
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def test_missing_shard(broken, tmp_path):
+    _shards(broken)[2].unlink()
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    assert_clean_failure(run_cli("quantize", str(broken), "-o", str(out)), out, "is missing")
+
+
+def test_truncated_shard(broken, tmp_path):
+    shard = _shards(broken)[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    out = tmp_path / "m.gguf"
+    assert_clean_failure(run_cli("quantize", str(broken), "-o", str(out)), out, "truncated safetensors file")
+
+
+def test_corrupt_header(broken, tmp_path):
+    with open(_shards(broken)[0], "r+b") as f:
+        f.write((2**40).to_bytes(8, "little"))
+    out = tmp_path / "m.gguf"
+    assert_clean_failure(run_cli("quantize", str(broken), "-o", str(out)), out, "corrupt safetensors header")
+
+
+def test_unsupported_dtype(broken, tmp_path):
+    from safetensors.numpy import save_file
+
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "norm-f64.safetensors"
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"model.norm.weight": np.ones(256, dtype=np.float64)}, broken / "norm-f64.safetensors")
+    out = tmp_path / "m.gguf"
+    assert_clean_failure(run_cli("quantize", str(broken), "-o", str(out)), out, "unsupported dtype F64")
+
+
+def test_unsupported_architecture(broken, tmp_path):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "m.gguf"
+    assert_clean_failure(run_cli("quantize", str(broken), "-o", str(out)), out, "unsupported architecture Qwen2ForCausalLM")
+
+
+def test_missing_source_and_offline_hub(tmp_path):
+    out = tmp_path / "m.gguf"
+    assert_clean_failure(run_cli("quantize", str(tmp_path / "nope"), "-o", str(out)), out, "no such folder")
+    r = run_cli("quantize", "mistralai/Mixtral-8x7B-Instruct-v0.1", "-o", str(out))
+    assert_clean_failure(r, out, "not in the local Hugging Face cache")
+
+
+def test_bad_flag_and_type():
+    r = run_cli("quantize", "x", "--type", "Q3_K_XL")
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_write_failure_midway_leaves_nothing(tiny, tmp_path):
+    """A write that fails halfway (here: a 4 MB file-size limit, as a full disk would) removes the
+    partial file."""
+    out = tmp_path / "m.gguf"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    r = run_cli("quantize", str(tiny), "-o", str(out), "--type", "BF16", preexec_fn=limit)
+    assert_clean_failure(r, out, "cannot write")
+
+
+def test_ctrl_c_midway_leaves_nothing(upcycled, tmp_path):
+    out = tmp_path / "m.gguf"
+    env = {**os.environ}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localmix", "quantize", str(upcycled), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the output is really being written
+        partial = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+        if partial and partial[0].stat().st_size > 20 << 20:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("conversion never started writing")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

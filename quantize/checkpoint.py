@@ -91,16 +91,16 @@ class SafetensorsFile:
         dt = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[ref.dtype]
         return np.frombuffer(self._mapped(), dtype=dt, count=ref.n_elements, offset=ref.begin).reshape(ref.shape)
 
-    def release(self, ref: TensorRef) -> None:
-        """Drop the tensor's pages from our resident set: keeps peak memory bounded by one tensor,
-        not by the shard size (the page cache may keep them; they just stop counting as ours)."""
-        if self._map is None:
+    def release(self, begin: int, end: int) -> None:
+        """Drop the pages of bytes [begin, end) from our resident set, so that memory stays flat while
+        a shard is read through (the page cache may keep them; they just stop counting as ours). A page
+        shared with the next block is dropped too: touching it again costs a minor fault, no I/O."""
+        if self._map is None or end <= begin:
             return
-        page = mmap.PAGESIZE
-        lo = ref.begin // page * page
+        lo = begin // mmap.PAGESIZE * mmap.PAGESIZE
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, ref.end - lo)
-        except (AttributeError, OSError, ValueError):
+            self._map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        except (AttributeError, OSError, ValueError):  # no madvise on this platform: only memory use grows
             pass
 
     def close(self) -> None:

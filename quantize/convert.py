@@ -158,10 +158,16 @@ class Encoder:
         for ref in t.parts:
             raw = ref.file.raw(ref)
             rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
+            n_rows, row_nbytes = rows.shape[0], rows.shape[1] * rows.itemsize
             step = max(1, BLOCK_ELEMENTS // rows.shape[1])
-            for r0 in range(0, rows.shape[0], step):
-                sel = slice(r0, min(r0 + step, rows.shape[0]))
-                done = ref if sel.stop == rows.shape[0] else None  # its pages can go once this block is out
+            for r0 in range(0, n_rows, step):
+                sel = slice(r0, min(r0 + step, n_rows))
+                # The source pages a block read can leave our resident set once it is encoded; with
+                # permuted rows (q/k) the whole matrix goes at its last block.
+                if order is None:
+                    done = (ref, ref.begin + r0 * row_nbytes, ref.begin + sel.stop * row_nbytes)
+                else:
+                    done = (ref, ref.begin, ref.end) if sel.stop == n_rows else None
                 inflight.append((self.pool.submit(_encode_block, ref, rows, sel, order, t.type), done))
                 if len(inflight) >= self.window:
                     yield _finish(inflight.popleft())
@@ -184,7 +190,8 @@ def _finish(item) -> np.ndarray:
     future, done = item
     block = future.result()
     if done is not None:
-        done.file.release(done)
+        ref, lo, hi = done
+        ref.file.release(lo, hi)
     return block
 
 

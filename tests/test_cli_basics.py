@@ -28,3 +28,12 @@ def test_help_imports_no_heavy_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cli_type_list_is_the_recipe_table():
+    """The CLI keeps its own copy of the type names so that --help imports nothing heavy."""
+    from localmix.commands.quantize import TYPES
+
+    from quantize.recipe import OUT_TYPES
+
+    assert TYPES == tuple(OUT_TYPES)

@@ -41,21 +41,27 @@ def smollm_dir() -> Path:
 
 
 def make_tiny_mixtral(
-    folder: Path, *, tokenizer: str = "v3", layers: int = 4, shard: str = "6MB", seed: int = 0, scale: float = 0.04
+    folder: Path, *, tokenizer: str = "v3", layers: int = 4, shard: str = "6MB", seed: int = 0, scale: float = 0.04,
+    dtype: str = "bfloat16", dense: bool = False,
 ) -> Path:
-    """A random Mixtral with 8 experts, top-2, hidden 256, expert FFN 512, and a real Mistral tokenizer."""
+    """A random Mixtral with 8 experts, top-2, hidden 256, expert FFN 512, and a real Mistral tokenizer
+    (with dense=True: the same as a MistralForCausalLM without experts)."""
     import torch
     from sentencepiece import SentencePieceProcessor
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
     sp = SentencePieceProcessor(model_file=str(mistral_tokenizer_file(tokenizer)))
-    cfg = MixtralConfig(
+    common = dict(
         vocab_size=sp.vocab_size(), hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=4096, rope_theta=1e6, bos_token_id=1, eos_token_id=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
+        bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(cfg).to(torch.bfloat16)
+    if dense:
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:
+        model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2))
+    model = model.to(getattr(torch, dtype))
     # transformers initialises with std 0.02, which makes every logit near-equal; larger weights give
     # the model confident, comparable predictions. The router gets decisive weights: with near-tied
     # router logits, any rounding difference between engines flips an expert choice.
@@ -81,6 +87,22 @@ def _write_mistral_tokenizer_config(folder: Path) -> None:
         "chat_template": MIXTRAL_TEMPLATE,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+
+def make_smollm_dense(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct itself, as the LlamaForCausalLM checkpoint it was published as."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = smollm_dir()
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOL_GGUF, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config  # a model loaded from GGUF refuses save_pretrained; a fresh copy does not
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(src, gguf_file=SMOL_GGUF).save_pretrained(folder)
+    return folder
 
 
 def make_upcycled_smollm(folder: Path, *, noise: float = 0.02, seed: int = 0) -> Path:

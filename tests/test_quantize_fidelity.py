@@ -31,13 +31,18 @@ def llama_logits(gguf_path, tokens):
     return out
 
 
-def hf_logits(folder, tokens):
+def hf_logits_of(architecture, folder, tokens):
+    """transformers' forward pass in float32: the reference."""
     import torch
-    from transformers import MixtralForCausalLM
+    import transformers
 
-    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].double().numpy()
+
+
+def hf_logits(folder, tokens):
+    return hf_logits_of("MixtralForCausalLM", folder, tokens)
 
 
 @pytest.fixture(scope="module")

@@ -213,3 +213,21 @@ def test_ctrl_c_midway_leaves_nothing(upcycled, tmp_path):
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """An 8 MiB tmpfs (needs root, as on the project's machines; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_not_enough_disk_space_is_found_before_writing(tiny, small_filesystem):
+    out = small_filesystem / "m.gguf"
+    r = run_cli("quantize", str(tiny), "-o", str(out))  # about 20 MiB of output
+    assert_clean_failure(r, out, "not enough disk space")
+    assert list(small_filesystem.iterdir()) == []

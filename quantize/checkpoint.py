@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import QuantizeError
 
-# safetensors dtype -> (bytes per element, how to read it as float32)
+# safetensors dtypes we read -> bytes per element
 DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -112,10 +112,9 @@ class SafetensorsFile:
             self._map = None
 
 
-def to_f32(ref: TensorRef, data: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Exact conversion of bf16/f16/f32 values to a float32 array (bf16 is the top half of an f32)."""
-    if out is None:
-        out = np.empty(data.shape, dtype=np.float32)
+def to_f32(ref: TensorRef, data: np.ndarray) -> np.ndarray:
+    """Exact conversion of bf16/f16/f32 values to a new float32 array (bf16 is the top half of an f32)."""
+    out = np.empty(data.shape, dtype=np.float32)
     if ref.dtype == "BF16":
         u = out.view(np.uint32)
         u[...] = data
@@ -131,11 +130,6 @@ class Checkpoint:
     config: dict
     tensors: dict[str, TensorRef]
     files: list[SafetensorsFile]
-
-    @property
-    def architecture(self) -> str:
-        archs = self.config.get("architectures") or ["(none given)"]
-        return archs[0]
 
     def close(self) -> None:
         for f in self.files:

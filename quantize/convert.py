@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -332,9 +333,7 @@ def _written_atomically(out: Path) -> Iterator[Path]:
             signal.signal(signal.SIGTERM, old_term)
 
 
-def _main_thread() -> bool:
-    import threading
-
+def _main_thread() -> bool:  # signal handlers can only be set from the main thread
     return threading.current_thread() is threading.main_thread()
 
 
@@ -354,7 +353,3 @@ def peak_rss() -> int:
         pass
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def quantize_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, out_type: str = "Q4_K_M", **kw) -> Summary:
-    return convert(Path(folder), Path(out), out_type, **kw)

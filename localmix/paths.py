@@ -20,3 +20,11 @@ def models_dir(create: bool = True) -> Path:
     if create:
         d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("LOCALMIX_HOME"):
+        return Path(env) / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("localmix", appauthor=False))

@@ -3,44 +3,18 @@ FIELD-NOTES describes, and file sizes close to the published Q4_K_M files."""
 
 from gguf import GGMLQuantizationType as T
 
-from quantize.recipe import ModelShape, row_bytes, tensor_type, use_more_bits
+from shapes import MIXTRAL_8X7B, MIXTRAL_8X22B, nbytes, types
 
-MIXTRAL_8X7B = dict(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_kv=8, vocab=32000)
-MIXTRAL_8X22B = dict(n_layer=56, n_embd=6144, n_ff=16384, n_head=48, n_kv=8, vocab=32768)
+from quantize.recipe import ModelShape, tensor_type, use_more_bits
 
-
-def mixtral_tensors(m: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, numpy shape) of every tensor in a Mixtral GGUF."""
-    e, d, f, hd = 8, m["n_embd"], m["n_ff"], m["n_embd"] // m["n_head"]
-    out = [("token_embd.weight", (m["vocab"], d)), ("output.weight", (m["vocab"], d)), ("output_norm.weight", (d,))]
-    for b in range(m["n_layer"]):
-        out += [
-            (f"blk.{b}.attn_norm.weight", (d,)), (f"blk.{b}.ffn_norm.weight", (d,)),
-            (f"blk.{b}.attn_q.weight", (d, d)), (f"blk.{b}.attn_k.weight", (m["n_kv"] * hd, d)),
-            (f"blk.{b}.attn_v.weight", (m["n_kv"] * hd, d)), (f"blk.{b}.attn_output.weight", (d, d)),
-            (f"blk.{b}.ffn_gate_inp.weight", (e, d)), (f"blk.{b}.ffn_gate_exps.weight", (e, f, d)),
-            (f"blk.{b}.ffn_up_exps.weight", (e, f, d)), (f"blk.{b}.ffn_down_exps.weight", (e, d, f)),
-        ]
-    return out
 
 
 def plan(m: dict, out: str) -> dict[str, tuple[T, tuple[int, ...]]]:
-    shape = ModelShape(m["n_layer"], 8, m["n_head"], m["n_kv"], tied_embeddings=False)
-
-    def stored(name, s):  # as the converter writes them: norms and routers F32, the rest BF16
-        return T.F32 if len(s) == 1 or "ffn_gate_inp" in name else T.BF16
-
-    return {n: (tensor_type(n, s[-1], len(s), stored(n, s), out, shape), s) for n, s in mixtral_tensors(m)}
+    return types(m, out)
 
 
 def file_bytes(p: dict) -> int:
-    total = 0
-    for t, s in p.values():
-        rows = 1
-        for x in s[:-1]:
-            rows *= x
-        total += rows * row_bytes(t, s[-1])
-    return total
+    return sum(nbytes(t, s) for t, s in p.values())
 
 
 def test_mixtral_8x7b_q4_k_m_mix():

@@ -1,0 +1,196 @@
+"""This machine, without torch: GPUs and their free memory from llama.cpp's own device list (libggml),
+RAM and physical cores from the OS, CPU memory bandwidth from a short probe cached in the user's cache
+folder. Everything the planner reads can be overridden (--vram, --ram) to plan for another machine."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Memory bandwidth of known GPUs, bytes/s (vendor specifications), by a substring of the name llama.cpp
+# reports. First match wins, so more specific names come first.
+GPU_BANDWIDTH = [
+    ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12), ("L40S", 0.864e12),
+    ("L4", 0.3e12), ("RTX 5090", 1.79e12), ("RTX 5080", 0.96e12), ("RTX 4090", 1.008e12), ("RTX 4080", 0.717e12),
+    ("RTX 4070 Ti", 0.504e12), ("RTX 4070", 0.504e12), ("RTX 4060 Ti", 0.288e12), ("RTX 3090", 0.936e12),
+    ("RTX 3080", 0.76e12), ("RTX 3070", 0.448e12), ("RTX 3060", 0.36e12), ("A6000", 0.768e12), ("7900 XTX", 0.96e12),
+]
+DEFAULT_GPU_BANDWIDTH = 0.5e12
+PCIE_BANDWIDTH = 24e9  # PCIe 4.0 x16, as seen by a host-to-device copy
+# llama.cpp's decode reads weights at about 0.77 of what a multi-threaded copy moves (read + write):
+# 59 GB/s against 77 GB/s on the H100 host in FIELD-NOTES.
+DECODE_READ_EFFICIENCY = 0.77
+
+GGML_DEVICE_TYPE_CPU, GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU = 0, 1, 2
+
+
+@dataclass
+class Gpu:
+    name: str
+    free: int
+    total: int
+    bandwidth: float
+
+
+@dataclass
+class Hardware:
+    gpus: list[Gpu] = field(default_factory=list)
+    ram_total: int = 0
+    ram_available: int = 0
+    cores: int = 1  # physical
+    copy_bandwidth: float = 0.0  # bytes/s moved (read + write) by a multi-threaded copy
+    cpu_name: str = ""
+
+    @property
+    def cpu_decode_bandwidth(self) -> float:
+        return self.copy_bandwidth * DECODE_READ_EFFICIENCY
+
+
+def _libggml():
+    from llama_cpp import _ggml
+
+    g = _ggml.libggml
+    g.ggml_backend_dev_count.restype = ctypes.c_size_t
+    g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    g.ggml_backend_dev_get.restype = ctypes.c_void_p
+    g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_name.restype = ctypes.c_char_p
+    g.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_description.restype = ctypes.c_char_p
+    g.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_type.restype = ctypes.c_int
+    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    g.ggml_backend_dev_memory.restype = None
+    g.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    return g
+
+
+def gpu_bandwidth(name: str) -> float:
+    return next((bw for key, bw in GPU_BANDWIDTH if key.lower() in name.lower()), DEFAULT_GPU_BANDWIDTH)
+
+
+def detect_gpus() -> list[Gpu]:
+    g = _libggml()
+    gpus = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_type(dev) not in (GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU):
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        name = (g.ggml_backend_dev_description(dev) or g.ggml_backend_dev_name(dev) or b"GPU").decode(errors="replace")
+        gpus.append(Gpu(name, free.value, total.value, gpu_bandwidth(name)))
+    return gpus
+
+
+def cpu_buffer_type() -> int:
+    """llama.cpp's host-memory buffer type, the value a `tensor_buft_overrides` entry names for "CPU"."""
+    g = _libggml()
+    return g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_by_type(GGML_DEVICE_TYPE_CPU))
+
+
+def memory() -> tuple[int, int]:
+    """(total, available) RAM in bytes."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+        return info["MemTotal"], info.get("MemAvailable", info["MemFree"])
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, total // 2
+
+
+def physical_cores() -> int:
+    try:
+        pairs = set()
+        phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    pairs.add((phys, core))
+        usable = len(os.sched_getaffinity(0))
+        return max(1, min(len(pairs) or usable, usable))
+    except OSError:
+        return max(1, (os.cpu_count() or 2) // 2)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe_copy_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second (read + write) a multi-threaded memcpy moves: the number decode speed scales with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    src = np.ones(mib << 18, dtype=np.float32)  # mib MiB
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(p[0], p[-1] + 1) for p in parts if len(p)]
+
+    def copy(b):
+        np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]])
+
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(copy, bounds))
+            best = max(best, 2 * src.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def _cache_file() -> Path:
+    from .paths import cache_dir
+
+    return cache_dir() / "hardware.json"
+
+
+def detect(probe: bool = True) -> Hardware:
+    """This machine. The bandwidth probe (about a second) runs once and is cached per CPU model and core count."""
+    total, available = memory()
+    hw = Hardware(gpus=detect_gpus(), ram_total=total, ram_available=available, cores=physical_cores(), cpu_name=cpu_name())
+    key = f"{hw.cpu_name}|{hw.cores}"
+    cache = _cache_file()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            hw.copy_bandwidth = float(cached["copy_bandwidth"])
+    except (OSError, ValueError, KeyError):
+        pass
+    if not hw.copy_bandwidth and probe:
+        hw.copy_bandwidth = probe_copy_bandwidth(hw.cores)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"key": key, "copy_bandwidth": hw.copy_bandwidth}))
+        except OSError:
+            pass
+    return hw
+
+
+def as_dict(hw: Hardware) -> dict:
+    d = asdict(hw)
+    d["cpu_decode_bandwidth"] = hw.cpu_decode_bandwidth
+    return d

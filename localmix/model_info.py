@@ -1,0 +1,134 @@
+"""What the planner needs to know about a GGUF file: its hyper-parameters and tensor table, read with
+gguf's GGUFReader (header only; weights are never touched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+# Roles a tensor plays for placement. `expert`: one of a layer's stacked expert tensors (only
+# n_expert_used / n_expert of it is read per token); `embed`: the input embedding, which llama.cpp
+# always keeps in host memory; `dense`: everything else (attention, norms, routers, output).
+EXPERT_SUFFIXES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    nbytes: int
+    layer: int  # -1 for whole-model tensors
+    role: str  # "expert", "dense" or "embed"
+    type: str = ""
+    n_elements: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_expert: int
+    n_expert_used: int
+    n_ctx_train: int
+    n_vocab: int
+    tensors: tuple[Tensor, ...] = field(repr=False)
+    name: str = ""
+    file_type: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 1
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def read_fraction(self, t: Tensor) -> float:
+        """Share of a tensor read for one token of decode."""
+        if t.role == "expert":
+            return self.n_expert_used / self.n_expert
+        if t.role == "embed":
+            return 0.0  # one row
+        return 1.0
+
+
+def role(name: str) -> str:
+    if name.endswith(EXPERT_SUFFIXES):
+        return "expert"
+    if name == "token_embd.weight":
+        return "embed"
+    return "dense"
+
+
+def layer_of(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("blk.") else -1
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:  # GGUFReader raises ValueError, struct.error, IndexError... on bad files
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def field(key, default=None):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else default
+
+    arch = field("general.architecture", "?")
+    a = lambda k, d=None: field(f"{arch}.{k}", d)  # noqa: E731
+    n_head = int(a("attention.head_count", 0) or 0)
+    n_embd = int(a("embedding_length", 0) or 0)
+    size = path.stat().st_size
+    tensors = []
+    for t in r.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise UserError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
+        tensors.append(
+            Tensor(t.name, int(t.n_bytes), layer_of(t.name), role(t.name), t.tensor_type.name, int(t.n_elements))
+        )
+    head_kv = a("attention.head_count_kv", n_head)
+    if isinstance(head_kv, list):
+        head_kv = max(head_kv)
+    try:
+        return ModelInfo(
+            path=str(path),
+            arch=arch,
+            n_layer=int(a("block_count")),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=int(head_kv),
+            head_dim=int(a("attention.key_length", 0) or (n_embd // n_head if n_head else 0)),
+            n_ff=int(a("feed_forward_length", 0) or 0),
+            n_expert=int(a("expert_count", 0) or 0),
+            n_expert_used=int(a("expert_used_count", 0) or 0),
+            n_ctx_train=int(a("context_length", 4096) or 4096),
+            n_vocab=len(field("tokenizer.ggml.tokens", []) or []) or int(a("vocab_size", 0) or 0),
+            tensors=tuple(tensors),
+            name=str(field("general.name", path.stem)),
+            file_type=_file_type_name(field("general.file_type")),
+        )
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None
+
+
+def _file_type_name(ftype) -> str:
+    if ftype is None:
+        return ""
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return str(ftype)

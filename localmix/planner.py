@@ -1,0 +1,241 @@
+"""The offload planner: a pure function from a model's tensor table, a context length, a KV cache type
+and memory budgets to a placement of every tensor on the GPU or the CPU, with predicted speed.
+
+Why it works the way it does: decode reads every active weight once per token, so speed is bytes read
+per token over bandwidth. Tensors read for every token (attention, norms, routers, output) go to the
+GPU first. Of an expert tensor only n_expert_used / n_expert is read per token, the same share for every
+expert tensor, so each byte of experts moved to the GPU saves the same time: the best placement puts as
+many expert bytes on the GPU as fit. The planner starts from the best whole-layer split
+(llama.cpp's `--n-cpu-moe N`) and then fills what is left tensor by tensor, so it never does worse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .model_info import ModelInfo, Tensor
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Bytes per element of the KV cache for each --kv-type (ggml block sizes: q8_0 34 bytes / 32, q4_0 18 / 32).
+KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+RESERVE = 512 * MiB  # VRAM left free: allocator slack, fragmentation, the driver's own growth
+# Fixed cost per token and layer (kernel launches, synchronisation), fitted to FIELD-NOTES' H100 anchor
+# (200 tok/s with everything on the GPU) and to CPU decode measured on the project's machine.
+GPU_LAYER_OVERHEAD = 80e-6
+CPU_LAYER_OVERHEAD = 40e-6
+SPLIT_LAYER_OVERHEAD = 60e-6  # a layer whose experts run on the CPU: activations go to the host and back
+
+
+@dataclass(frozen=True)
+class Budget:
+    vram: int  # bytes the planner may use on the GPU (0: no GPU)
+    ram: int  # bytes it may use in RAM
+    gpu_bandwidth: float = 1e12  # bytes/s
+    cpu_bandwidth: float = 50e9  # bytes/s llama.cpp's decode reads from RAM
+    pcie_bandwidth: float = 24e9
+    gpu_flops: float = 50e12
+    cpu_flops: float = 0.5e12
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpu: frozenset[str]  # names of tensors in VRAM; all others stay in RAM
+    n_gpu_layers: int  # repeating layers llama.cpp offloads (their dense tensors and KV cache)
+    cpu_experts: tuple[str, ...]  # expert tensors of offloaded layers pinned to the CPU (the overrides)
+    vram: dict = field(default_factory=dict)  # weights, kv_cache, compute, reserve -> bytes
+    ram: dict = field(default_factory=dict)  # weights, kv_cache -> bytes
+    decode_tps: float = 0.0
+    prefill_tps: float = 0.0
+    label: str = "auto"
+
+    @property
+    def vram_total(self) -> int:
+        return sum(self.vram.values())
+
+    @property
+    def ram_total(self) -> int:
+        return sum(self.ram.values())
+
+
+def kv_cache_bytes(m: ModelInfo, ctx: int, kv_type: str, layers: int | None = None) -> int:
+    if kv_type not in KV_TYPES:
+        raise UserError(f"unknown KV cache type {kv_type} (choose from {', '.join(KV_TYPES)})")
+    layers = m.n_layer if layers is None else layers
+    return int(2 * layers * ctx * m.n_head_kv * m.head_dim * KV_TYPES[kv_type])
+
+
+def compute_bytes(m: ModelInfo, ubatch: int = 512) -> int:
+    """llama.cpp's GPU compute buffer for one micro-batch: logits, the widest activations (experts'
+    intermediate for the used experts), with flash attention (no n_ctx x n_ctx scores)."""
+    widest = max(m.n_embd * 4, m.n_expert_used * m.n_ff * 3 if m.is_moe else m.n_ff * 3)
+    return int(4 * ubatch * (m.n_vocab + widest)) + 64 * MiB
+
+
+def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, ubatch: int = 512) -> tuple[float, float]:
+    """(decode, prefill) tokens per second for a placement."""
+    gpu_bytes = cpu_bytes = 0.0
+    active_params = 0.0
+    cpu_expert_bytes = 0
+    for t in m.tensors:
+        share = m.read_fraction(t)
+        if t.name in gpu:
+            gpu_bytes += t.nbytes * share
+        else:
+            cpu_bytes += t.nbytes * share
+            if t.role == "expert":
+                cpu_expert_bytes += t.nbytes
+        active_params += t.n_elements * share
+    split_layers = len({t.layer for t in m.tensors if t.role == "expert" and t.name not in gpu and t.layer < n_gpu_layers})
+    t_decode = (
+        (gpu_bytes / b.gpu_bandwidth if gpu_bytes else 0.0)
+        + cpu_bytes / b.cpu_bandwidth
+        + n_gpu_layers * GPU_LAYER_OVERHEAD
+        + (m.n_layer - n_gpu_layers) * CPU_LAYER_OVERHEAD
+        + split_layers * SPLIT_LAYER_OVERHEAD
+    )
+    flops = 2 * active_params
+    if n_gpu_layers and b.vram:
+        # Large batches: llama.cpp copies CPU-resident weights to the GPU for each micro-batch.
+        t_batch = cpu_expert_bytes / b.pcie_bandwidth + flops * ubatch / b.gpu_flops
+        t_prefill = t_batch / ubatch
+    else:
+        t_prefill = flops / b.cpu_flops
+    return 1.0 / t_decode, 1.0 / t_prefill
+
+
+def _layer_offset(m: ModelInfo, n_gpu_layers: int) -> int:
+    return m.n_layer - n_gpu_layers  # llama.cpp offloads the last n_gpu_layers layers
+
+
+def _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, label) -> Plan:
+    gpu = frozenset(gpu)
+    first = _layer_offset(m, n_gpu_layers)
+    cpu_experts = tuple(t.name for t in m.tensors if t.role == "expert" and t.layer >= first and t.name not in gpu)
+    gpu_weights = sum(t.nbytes for t in m.tensors if t.name in gpu)
+    kv_gpu = kv_cache_bytes(m, ctx, kv_type, n_gpu_layers)
+    vram = {"weights": gpu_weights, "kv_cache": kv_gpu, "compute": compute_bytes(m, ubatch), "reserve": RESERVE} if n_gpu_layers else {}
+    ram = {"weights": m.weight_bytes - gpu_weights, "kv_cache": kv_cache_bytes(m, ctx, kv_type) - kv_gpu}
+    decode, prefill = predict(m, gpu, n_gpu_layers, b, ubatch)
+    return Plan(gpu, n_gpu_layers, cpu_experts, vram, ram, decode, prefill, label)
+
+
+def _dense_gpu(m: ModelInfo, n_gpu_layers: int) -> set[str]:
+    """Dense tensors llama.cpp puts on the GPU with -ngl n_gpu_layers (the output with all layers)."""
+    first = _layer_offset(m, n_gpu_layers)
+    return {
+        t.name for t in m.tensors
+        if t.role == "dense" and ((t.layer >= first) if t.layer >= 0 else n_gpu_layers == m.n_layer)
+    }
+
+
+def _fixed_vram(m, ctx, kv_type, ubatch, n_gpu_layers) -> int:
+    return kv_cache_bytes(m, ctx, kv_type, n_gpu_layers) + compute_bytes(m, ubatch) + RESERVE
+
+
+def _bytes(m: ModelInfo, names) -> int:
+    sizes = {t.name: t.nbytes for t in m.tensors}
+    return sum(sizes[n] for n in names)
+
+
+def _expert_layers(m: ModelInfo) -> dict[int, list[Tensor]]:
+    layers: dict[int, list[Tensor]] = {}
+    for t in m.tensors:
+        if t.role == "expert":
+            layers.setdefault(t.layer, []).append(t)
+    return layers
+
+
+def n_cpu_moe(m: ModelInfo, b: Budget, n: int, ctx: int, kv_type: str = "f16", ubatch: int = 512) -> Plan | None:
+    """llama.cpp's `-ngl 99 --n-cpu-moe n`: every layer offloaded, the experts of the first n layers on
+    the CPU. None if that does not fit the VRAM budget."""
+    gpu = _dense_gpu(m, m.n_layer) | {t.name for t in m.tensors if t.role == "expert" and t.layer >= n}
+    if _bytes(m, gpu) + _fixed_vram(m, ctx, kv_type, ubatch, m.n_layer) > b.vram:
+        return None
+    return _finish(m, gpu, m.n_layer, ctx, kv_type, b, ubatch, f"--n-cpu-moe {n}")
+
+
+def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int = 512) -> Plan:
+    """The placement that puts the most bytes read per token on the GPU within the budgets."""
+    if ctx <= 0:
+        raise UserError("context length must be positive")
+    n_gpu_layers, gpu = 0, set()
+    if b.vram > 0:
+        # Every layer's dense part on the GPU if it fits, else as many of the last layers as fit.
+        for n in range(m.n_layer, 0, -1):
+            dense = _dense_gpu(m, n)
+            if _bytes(m, dense) + _fixed_vram(m, ctx, kv_type, ubatch, n) <= b.vram:
+                n_gpu_layers, gpu = n, dense
+                break
+    if n_gpu_layers == m.n_layer and m.is_moe:
+        left = b.vram - _bytes(m, gpu) - _fixed_vram(m, ctx, kv_type, ubatch, n_gpu_layers)
+        layers = _expert_layers(m)
+        # Whole layers first, from the last one down (as --n-cpu-moe keeps the last layers' experts)...
+        for layer in sorted(layers, reverse=True):
+            size = sum(t.nbytes for t in layers[layer])
+            if size > left:
+                break
+            gpu |= {t.name for t in layers[layer]}
+            left -= size
+        # ...then single expert tensors into what is left, largest first.
+        rest = sorted((t for t in m.tensors if t.role == "expert" and t.name not in gpu), key=lambda t: (-t.nbytes, -t.layer))
+        for t in rest:
+            if t.nbytes <= left:
+                gpu.add(t.name)
+                left -= t.nbytes
+    p = _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, "auto")
+    if p.ram_total > b.ram:
+        raise UserError(_no_fit_message(m, b, ctx, kv_type, p))
+    return p
+
+
+def _no_fit_message(m: ModelInfo, b: Budget, ctx: int, kv_type: str, p: Plan) -> str:
+    need = p.ram_total - b.ram
+    hints = []
+    kv_all = kv_cache_bytes(m, ctx, kv_type)
+    if kv_all > need:
+        per_token = kv_all / ctx
+        fits = int((kv_all - need) / per_token) // 256 * 256
+        if fits >= 256:
+            hints.append(f"--ctx {fits}")
+        if kv_type == "f16":
+            hints.append("--kv-type q8_0")
+    bpw = m.weight_bytes * 8 / max(1, sum(t.n_elements for t in m.tensors))
+    target_bpw = bpw * (1 - need / m.weight_bytes)
+    if target_bpw > 2.5:
+        hints.append(f"a smaller quantization (about {target_bpw:.1f} bits per weight instead of {bpw:.1f})")
+    hint = "; try " + " or ".join(hints) if hints else "; it needs a machine with more memory"
+    return (
+        f"{m.name} does not fit: it needs {(p.vram_total + p.ram_total) / GiB:.1f} GiB "
+        f"({p.ram_total / GiB:.1f} GiB in RAM after {p.vram_total / GiB:.1f} GiB on the GPU), "
+        f"but the budget is {b.vram / GiB:.1f} GiB VRAM + {b.ram / GiB:.1f} GiB RAM{hint}"
+    )
+
+
+def gpu_layers_arg(m: ModelInfo, p: Plan) -> int:
+    """llama.cpp's n_gpu_layers: one more than the layer count also offloads the output matrix."""
+    return m.n_layer + 1 if p.n_gpu_layers == m.n_layer else p.n_gpu_layers
+
+
+def llama_args(m: ModelInfo, p: Plan) -> list[str]:
+    """The same placement as llama.cpp command-line flags, for llama-server or llama-cli."""
+    args = ["-ngl", str(gpu_layers_arg(m, p))]
+    for pattern in override_patterns(p):
+        args += ["-ot", f"{pattern}=CPU"]
+    return args
+
+
+def override_patterns(p: Plan) -> list[str]:
+    """Regular expressions (matched by llama.cpp with std::regex_search) naming the CPU-pinned experts:
+    one per expert kind, listing its layers."""
+    groups: dict[str, list[int]] = {}
+    for name in p.cpu_experts:
+        _, layer, kind, _ = name.split(".")
+        groups.setdefault(kind, []).append(int(layer))
+    return [
+        rf"^blk\.({'|'.join(str(x) for x in sorted(layers))})\.{kind}\.weight$"
+        for kind, layers in sorted(groups.items())
+    ]

@@ -11,6 +11,9 @@ from . import __version__
 
 # command -> (module under localmix.commands, one-line help)
 COMMANDS = {
+    "run": ("run", "stream one reply from a GGUF model to stdout"),
+    "plan": ("plan", "show where each tensor of a GGUF goes (GPU or CPU) and the predicted speed"),
+    "bench": ("bench", "measure prefill and decode speed of the auto plan against llama.cpp's usual splits"),
     "quantize": ("quantize", "Hugging Face checkpoint (folder or repo id) to a 4-bit GGUF in one streaming pass"),
 }
 

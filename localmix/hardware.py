@@ -25,6 +25,12 @@ PCIE_BANDWIDTH = 24e9  # PCIe 4.0 x16, as seen by a host-to-device copy
 # llama.cpp's decode reads weights at about 0.77 of what a multi-threaded copy moves (read + write):
 # 59 GB/s against 77 GB/s on the H100 host in FIELD-NOTES.
 DECODE_READ_EFFICIENCY = 0.77
+# What one core's quantized matrix-vector kernels get through (bytes of weights per second) and its
+# prefill arithmetic rate: with few cores decode is bound by these rather than by memory. Fitted with
+# `localmix bench` on the project's 2-core EPYC machine (41 GB/s and ~105 GFLOP/s on 2 cores, from
+# cache: that CPU's L3 holds the test models' active weights).
+CORE_DECODE_RATE = 20e9
+CORE_FLOPS = 50e9
 
 GGML_DEVICE_TYPE_CPU, GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU = 0, 1, 2
 
@@ -48,7 +54,13 @@ class Hardware:
 
     @property
     def cpu_decode_bandwidth(self) -> float:
-        return self.copy_bandwidth * DECODE_READ_EFFICIENCY
+        """Bytes of weights per second llama.cpp's decode reads from RAM: memory-bound with many cores,
+        compute-bound with few."""
+        return min(self.copy_bandwidth * DECODE_READ_EFFICIENCY, self.cores * CORE_DECODE_RATE)
+
+    @property
+    def cpu_flops(self) -> float:
+        return self.cores * CORE_FLOPS
 
 
 def _libggml():

@@ -41,6 +41,10 @@ class ModelInfo:
     tensors: tuple[Tensor, ...] = field(repr=False)
     name: str = ""
     file_type: str = ""
+    chat_template: str | None = field(default=None, repr=False)
+    bos_text: str = ""
+    eos_text: str = ""
+    add_bos: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -118,9 +122,21 @@ def read_model_info(path: str | Path) -> ModelInfo:
             tensors=tuple(tensors),
             name=str(field("general.name", path.stem)),
             file_type=_file_type_name(field("general.file_type")),
+            chat_template=field("tokenizer.chat_template"),
+            bos_text=_token_text(r, field("tokenizer.ggml.bos_token_id")),
+            eos_text=_token_text(r, field("tokenizer.ggml.eos_token_id")),
+            add_bos=bool(field("tokenizer.ggml.add_bos_token", field("tokenizer.ggml.model") == "llama")),
         )
     except (TypeError, ValueError):
         raise UserError(f"{path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None
+
+
+def _token_text(r, token_id) -> str:
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    if token_id is None or tokens is None or not 0 <= int(token_id) < len(tokens.data):
+        return ""
+    part = tokens.parts[tokens.data[int(token_id)]]
+    return bytes(part).decode(errors="replace")
 
 
 def _file_type_name(ftype) -> str:

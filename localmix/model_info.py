@@ -81,10 +81,13 @@ def read_model_info(path: str | Path) -> ModelInfo:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path}: not a GGUF file")
     try:
         r = gguf.GGUFReader(path)
     except Exception as e:  # GGUFReader raises ValueError, struct.error, IndexError... on bad files
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
 
     def field(key, default=None):
         f = r.fields.get(key)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import parse_size
+
 TYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16")  # quantize.recipe.OUT_TYPES
 
 
@@ -16,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when SRC is a repo id")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    p.add_argument("--vram", type=parse_size, metavar="SIZE", help="for the closing plan summary: GPU memory to plan for")
+    p.add_argument("--ram", type=parse_size, metavar="SIZE", help="for the closing plan summary: RAM to plan for")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -101,4 +105,22 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("peak memory", _fmt_bytes(s.peak_rss))
     con.print(f"[bold green]Wrote[/] {s.path}", soft_wrap=True)  # whole, for copy-paste
     con.print(table)
+    con.print(_plan_summary(s.path, args))
     return 0
+
+
+def _plan_summary(path: Path, args: argparse.Namespace) -> str:
+    """How the new file would run here (or on the machine --vram/--ram describe)."""
+    from ..errors import UserError
+    from ..model_info import read_model_info
+    from ..planner import plan
+    from .common import machine_and_budget, summary_line
+
+    args.ctx, args.kv_type = 4096, "f16"
+    info = read_model_info(path)
+    _, budget = machine_and_budget(args)
+    where = "the given budget" if args.vram is not None or args.ram is not None else "this machine"
+    try:
+        return f"On {where} (context 4096): {summary_line(info, plan(info, budget, 4096))}"
+    except UserError as e:
+        return f"On {where}: {e}"

@@ -22,9 +22,9 @@ GPU_BANDWIDTH = [
 ]
 DEFAULT_GPU_BANDWIDTH = 0.5e12
 PCIE_BANDWIDTH = 24e9  # PCIe 4.0 x16, as seen by a host-to-device copy
-# llama.cpp's decode reads weights at about 0.77 of what a multi-threaded copy moves (read + write):
-# 59 GB/s against 77 GB/s on the H100 host in FIELD-NOTES.
-DECODE_READ_EFFICIENCY = 0.77
+# llama.cpp's decode streams weights at a little under what a plain multi-threaded read reaches (fitted
+# with `localmix bench` on the project's machine: 36-41 GB/s against a 40 GB/s probe).
+DECODE_READ_EFFICIENCY = 0.9
 # What one core's quantized matrix-vector kernels get through (bytes of weights per second) and its
 # prefill arithmetic rate: with few cores decode is bound by these rather than by memory. Fitted with
 # `localmix bench` on the project's 2-core EPYC machine (41 GB/s and ~105 GFLOP/s on 2 cores, from
@@ -49,14 +49,14 @@ class Hardware:
     ram_total: int = 0
     ram_available: int = 0
     cores: int = 1  # physical
-    copy_bandwidth: float = 0.0  # bytes/s moved (read + write) by a multi-threaded copy
+    read_bandwidth: float = 0.0  # bytes/s a multi-threaded read of RAM reaches
     cpu_name: str = ""
 
     @property
     def cpu_decode_bandwidth(self) -> float:
         """Bytes of weights per second llama.cpp's decode reads from RAM: memory-bound with many cores,
         compute-bound with few."""
-        return min(self.copy_bandwidth * DECODE_READ_EFFICIENCY, self.cores * CORE_DECODE_RATE)
+        return min(self.read_bandwidth * DECODE_READ_EFFICIENCY, self.cores * CORE_DECODE_RATE)
 
     @property
     def cpu_flops(self) -> float:
@@ -151,26 +151,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def probe_copy_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
-    """Bytes per second (read + write) a multi-threaded memcpy moves: the number decode speed scales with."""
+def probe_read_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second a multi-threaded read of a 1 GiB buffer reaches (numpy's SIMD max over bytes,
+    which does next to no arithmetic per byte): the rate decode's weight streaming scales with."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
-    src = np.ones(mib << 18, dtype=np.float32)  # mib MiB
-    dst = np.empty_like(src)
-    parts = np.array_split(np.arange(src.size), threads)
-    bounds = [(p[0], p[-1] + 1) for p in parts if len(p)]
-
-    def copy(b):
-        np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]])
-
+    buf = np.ones(mib << 20, dtype=np.uint8)
+    parts = np.array_split(buf, threads)
     best = 0.0
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            list(pool.map(copy, bounds))
-            best = max(best, 2 * src.nbytes / (time.perf_counter() - t0))
+            list(pool.map(np.max, parts))
+            best = max(best, buf.nbytes / (time.perf_counter() - t0))
     return best
 
 
@@ -181,22 +176,23 @@ def _cache_file() -> Path:
 
 
 def detect(probe: bool = True) -> Hardware:
-    """This machine. The bandwidth probe (about a second) runs once and is cached per CPU model and core count."""
+    """This machine. The bandwidth probe (about a second) runs once and is cached per CPU model and core count
+    (delete ~/.cache/localmix/hardware.json to measure again)."""
     total, available = memory()
     hw = Hardware(gpus=detect_gpus(), ram_total=total, ram_available=available, cores=physical_cores(), cpu_name=cpu_name())
-    key = f"{hw.cpu_name}|{hw.cores}"
+    key = f"read-v1|{hw.cpu_name}|{hw.cores}"
     cache = _cache_file()
     try:
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
-            hw.copy_bandwidth = float(cached["copy_bandwidth"])
+            hw.read_bandwidth = float(cached["read_bandwidth"])
     except (OSError, ValueError, KeyError):
         pass
-    if not hw.copy_bandwidth and probe:
-        hw.copy_bandwidth = probe_copy_bandwidth(hw.cores)
+    if not hw.read_bandwidth and probe:
+        hw.read_bandwidth = probe_read_bandwidth(hw.cores)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"key": key, "copy_bandwidth": hw.copy_bandwidth}))
+            cache.write_text(json.dumps({"key": key, "read_bandwidth": hw.read_bandwidth}))
         except OSError:
             pass
     return hw

@@ -59,7 +59,9 @@ class LlamaBackend:
             return True
 
         progress_cb = llama_cpp.llama_progress_callback(on_progress)
-        on_gpu = self.plan.n_gpu_layers > 0
+        # Flash attention: on the GPU always; on the CPU when the KV cache is quantized (llama.cpp needs
+        # it for a quantized V cache).
+        flash = self.plan.n_gpu_layers > 0 or self.kv_type != "f16"
         with _model_params(overrides if patterns else None, progress_cb), self._capture_log():
             self.llm = llama_cpp.Llama(
                 self.info.path,
@@ -69,7 +71,7 @@ class LlamaBackend:
                 n_ubatch=512,
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
-                flash_attn=on_gpu,
+                flash_attn=flash,
                 type_k=KV_GGML_TYPES[self.kv_type],
                 type_v=KV_GGML_TYPES[self.kv_type],
                 verbose=self.verbose,

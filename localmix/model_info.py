@@ -76,38 +76,29 @@ def layer_of(name: str) -> int:
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
-    import gguf
+    from .gguf_header import GGUFError, read_header
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path}: not a GGUF file")
     try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # GGUFReader raises ValueError, struct.error, IndexError... on bad files
-        raise UserError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        kv, entries = read_header(path)
+    except GGUFError as e:
+        raise UserError(f"{path}: {e}") from None
 
-    def field(key, default=None):
-        f = r.fields.get(key)
-        return f.contents() if f is not None else default
-
-    arch = field("general.architecture", "?")
-    a = lambda k, d=None: field(f"{arch}.{k}", d)  # noqa: E731
+    arch = kv.get("general.architecture", "?")
+    a = lambda k, d=None: kv.get(f"{arch}.{k}", d)  # noqa: E731
     n_head = int(a("attention.head_count", 0) or 0)
     n_embd = int(a("embedding_length", 0) or 0)
-    size = path.stat().st_size
-    tensors = []
-    for t in r.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise UserError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
-        tensors.append(
-            Tensor(t.name, int(t.n_bytes), layer_of(t.name), role(t.name), t.tensor_type.name, int(t.n_elements))
-        )
     head_kv = a("attention.head_count_kv", n_head)
     if isinstance(head_kv, list):
         head_kv = max(head_kv)
+    tokens = kv.get("tokenizer.ggml.tokens") or []
+
+    def token_text(key: str) -> str:
+        i = kv.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
+
     try:
         return ModelInfo(
             path=str(path),
@@ -121,25 +112,19 @@ def read_model_info(path: str | Path) -> ModelInfo:
             n_expert=int(a("expert_count", 0) or 0),
             n_expert_used=int(a("expert_used_count", 0) or 0),
             n_ctx_train=int(a("context_length", 4096) or 4096),
-            n_vocab=len(field("tokenizer.ggml.tokens", []) or []) or int(a("vocab_size", 0) or 0),
-            tensors=tuple(tensors),
-            name=str(field("general.name", path.stem)),
-            file_type=_file_type_name(field("general.file_type")),
-            chat_template=field("tokenizer.chat_template"),
-            bos_text=_token_text(r, field("tokenizer.ggml.bos_token_id")),
-            eos_text=_token_text(r, field("tokenizer.ggml.eos_token_id")),
-            add_bos=bool(field("tokenizer.ggml.add_bos_token", field("tokenizer.ggml.model") == "llama")),
+            n_vocab=len(tokens) or int(a("vocab_size", 0) or 0),
+            tensors=tuple(
+                Tensor(e.name, e.nbytes, layer_of(e.name), role(e.name), e.type.name, e.n_elements) for e in entries
+            ),
+            name=str(kv.get("general.name", path.stem)),
+            file_type=_file_type_name(kv.get("general.file_type")),
+            chat_template=kv.get("tokenizer.chat_template"),
+            bos_text=token_text("tokenizer.ggml.bos_token_id"),
+            eos_text=token_text("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", kv.get("tokenizer.ggml.model") == "llama")),
         )
     except (TypeError, ValueError):
         raise UserError(f"{path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None
-
-
-def _token_text(r, token_id) -> str:
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    if token_id is None or tokens is None or not 0 <= int(token_id) < len(tokens.data):
-        return ""
-    part = tokens.parts[tokens.data[int(token_id)]]
-    return bytes(part).decode(errors="replace")
 
 
 def _file_type_name(ftype) -> str:

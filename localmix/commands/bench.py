@@ -110,5 +110,8 @@ def run(args: argparse.Namespace) -> int:
         err = (r["decode_predicted"] - r["decode_measured"]) / r["decode_measured"]
         t.add_row(r["config"], f"{r['gpu_gib']:.1f}", f"{r['decode_measured']:.1f}", f"{r['decode_predicted']:.1f}",
                   f"{err:+.0%}", f"{r['prefill_measured']:.0f}", f"{r['prefill_predicted']:.0f}")
-    Console().print(t)
+    con = Console()
+    con.print(t)
+    if budget.vram and not hw.gpus:
+        con.print("No GPU here: every placement ran on the CPU, so the predictions for GPU placements are not checked.")
     return 0

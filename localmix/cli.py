@@ -11,6 +11,7 @@ from . import __version__
 
 # command -> (module under localmix.commands, one-line help)
 COMMANDS = {
+    "chat": ("chat", "chat in the terminal (opens the demo model when no model is given or stored)"),
     "run": ("run", "stream one reply from a GGUF model to stdout"),
     "plan": ("plan", "show where each tensor of a GGUF goes (GPU or CPU) and the predicted speed"),
     "bench": ("bench", "measure prefill and decode speed of the auto plan against llama.cpp's usual splits"),

@@ -123,6 +123,9 @@ class LlamaBackend:
             tokens.insert(0, bos)
         return tokens
 
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self.tokens_for(messages))
+
     def cancel(self) -> None:
         self._cancel.set()
 

@@ -1,0 +1,472 @@
+"""`localmix chat`: the Textual app. It knows conversations (localmix.store) and the Backend interface
+(localmix.backends), nothing of llama.cpp. The model loads in a thread while the app is already usable;
+replies stream from a thread through a queue that the UI drains at 30 Hz, so generation never waits for
+rendering."""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message as TMessage
+from textual.widgets import Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
+
+from ..backends import Sampling
+from ..store import Chat, Store
+from .screens import HelpScreen, ModelPicker, RenameScreen, SettingsScreen
+
+DEFAULT_SYSTEM = ""
+_DONE, _ERROR = object(), object()
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+# (action, title, help) for the command palette; every action also has a key (see HelpScreen).
+ACTIONS = [
+    ("new_chat", "New chat", "Start a new conversation"),
+    ("regenerate", "Regenerate reply", "Generate the last reply again"),
+    ("edit_last", "Edit last message", "Put the last message back in the input"),
+    ("stop", "Stop reply", "Stop the reply being generated"),
+    ("copy_reply", "Copy last reply", "Copy the last reply to the clipboard"),
+    ("copy_code", "Copy last code block", "Copy the last code block of the last reply"),
+    ("rename_chat", "Rename chat", "Rename this conversation"),
+    ("delete_chat", "Delete chat", "Delete this conversation"),
+    ("export_chat", "Export chat to Markdown", "Write this conversation to a Markdown file"),
+    ("settings", "Settings", "System prompt and sampling for this chat"),
+    ("help", "Help", "Keys"),
+]
+
+
+class ChatCommands(Provider):
+    async def discover(self) -> Hits:
+        for action, title, help_text in ACTIONS:
+            yield DiscoveryHit(title, partial(self.app.run_action, action), help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for action, title, help_text in ACTIONS:
+            if (score := matcher.match(title)) > 0:
+                yield Hit(score, matcher.highlight(title), partial(self.app.run_action, action), help=help_text)
+
+
+class PromptInput(TextArea):
+    """Enter sends; Shift+Enter or Ctrl+J inserts a new line; Up on an empty prompt edits the last message."""
+
+    class Submitted(TMessage):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event) -> None:
+        if event.key == "up" and not self.text:  # as in most chat apps: Up on an empty prompt edits the last message
+            event.stop()
+            event.prevent_default()
+            self.app.action_edit_last()
+        elif event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self.text))
+        elif event.key in ("shift+enter", "ctrl+j"):
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+
+
+class MessageView(Vertical):
+    def __init__(self, role: str, content: str = "", message_id: int | None = None):
+        super().__init__(classes=f"message {role}")
+        self.role, self.content, self.message_id = role, content, message_id
+
+    def compose(self) -> ComposeResult:
+        yield Label({"user": "You", "assistant": "Model", "system": "System"}.get(self.role, self.role), classes="role")
+        yield Markdown(self.content)
+
+    @property
+    def markdown(self) -> Markdown:
+        return self.query_one(Markdown)
+
+
+class ChatApp(App):
+    TITLE = "localmix chat"
+    COMMANDS = App.COMMANDS | {ChatCommands}
+    CSS = """
+    #sidebar { width: 28; border-right: solid $primary-darken-2; }
+    #chats { height: 1fr; }
+    #main { width: 1fr; }
+    #log { height: 1fr; padding: 0 1; }
+    .message { height: auto; margin: 0 0 1 0; }
+    .message .role { text-style: bold; color: $accent; }
+    .message.user .role { color: $success; }
+    .notice { color: $warning; margin: 0 0 1 0; }
+    .error { color: $error; margin: 0 0 1 0; }
+    #prompt { height: 5; border: round $primary; }
+    #loading { height: auto; padding: 0 1; }
+    #status { height: 1; background: $primary-darken-3; padding: 0 1; }
+    #dialog { width: 70; height: auto; border: thick $primary; background: $surface; padding: 1 2; }
+    #sampling { grid-size: 2; height: auto; grid-columns: 22 1fr; }
+    #system { height: 6; }
+    ModalScreen { align: center middle; }
+    """
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", show=False),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        # The prompt is a TextArea, which keeps its editing keys (Ctrl+A/E/K/D/X/Y/Z...): app keys avoid them.
+        Binding("f4", "edit_last", "Edit last"),
+        Binding("f6", "copy_reply", "Copy reply"),
+        Binding("f7", "copy_code", "Copy code", show=False),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("f8", "delete_chat", "Delete chat", show=False),
+        Binding("f2", "rename_chat", "Rename", show=False),
+        Binding("ctrl+s", "export_chat", "Export", show=False),
+        Binding("f3", "settings", "Settings"),
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "quit", "Quit"),
+    ]
+
+    def __init__(self, prepare: Callable, store: Store, model_label: str, *, ctx: int = 4096, system: str | None = None,
+                 demo: bool = False, exports: Path | None = None, choices: list[tuple[str, str]] | None = None):
+        """prepare(progress, path) -> (backend, plan summary) runs in a thread: it builds or finds the
+        model (path None: the default one) and loads it; progress(fraction, what) reports along the way.
+        With `choices` ((label, path) pairs) the user picks the model first."""
+        super().__init__()
+        self.choices = choices
+        self.prepare, self.store, self.model_label, self.ctx = prepare, store, model_label, ctx
+        self.default_system, self.demo, self.exports = system, demo, exports
+        self.backend = None
+        self.plan_summary = ""
+        self.load_error: str | None = None
+        self.chat: Chat | None = None
+        self.generating = False
+        self._pieces: queue.Queue = queue.Queue()
+        self._reply: MessageView | None = None
+        self._reply_text = ""
+        self._stream = None
+        self.last_stats = None
+
+    # -- layout and start-up ----------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            with Vertical(id="sidebar"):
+                yield Label("[b]Chats[/b]  (Ctrl+N new)")
+                yield ListView(id="chats")
+            with Vertical(id="main"):
+                with Vertical(id="loading"):
+                    yield Label("Loading model...", id="loading-label")
+                    yield ProgressBar(total=1.0, show_eta=False, id="progress")
+                yield VerticalScroll(id="log")
+                yield PromptInput(id="prompt", soft_wrap=True, show_line_numbers=False)
+                yield Static("", id="status")
+
+    def on_mount(self) -> None:
+        self.query_one("#log", VerticalScroll).anchor()
+        chat = self.store.last_chat()
+        if chat is None or self.default_system is not None:
+            chat = self.store.new_chat(model=self.model_label, system=self.default_system or DEFAULT_SYSTEM)
+        self.refresh_chat_list()
+        self.show_chat(chat)
+        self.query_one("#prompt", PromptInput).focus()
+        self.set_interval(1 / 30, self.drain)
+        if self.demo:
+            self.notify("This is a small demo model. " + "For Mixtral: localmix quantize mistralai/Mixtral-8x7B-Instruct-v0.1",
+                        title="Demo model", timeout=8)
+        if self.choices:
+            self.push_screen(ModelPicker(self.choices), self._picked)
+        else:
+            self._start_load(None)
+        self.update_status()
+
+    def _picked(self, path: str | None) -> None:
+        if path is None:
+            self.exit(message="No model chosen.")
+            return
+        self.model_label = Path(path).name.removesuffix(".gguf")
+        self._start_load(path)
+
+    def _start_load(self, path: str | None) -> None:
+        threading.Thread(target=self._load, args=(path,), daemon=True).start()
+
+    def _load(self, path: str | None) -> None:
+        def progress(fraction: float, what: str = "Loading model") -> None:
+            self.call_from_thread(self._show_progress, fraction, what)
+
+        try:
+            backend, summary = self.prepare(progress, path)
+        except Exception as e:  # any load failure is shown in the app; the app and the chats stay
+            self.call_from_thread(self._loaded, None, "", f"{type(e).__name__}: {e}" if not str(e) else str(e))
+            return
+        self.call_from_thread(self._loaded, backend, summary, None)
+
+    def _show_progress(self, fraction: float, what: str) -> None:
+        self.query_one("#loading-label", Label).update(f"{what}...")
+        self.query_one("#progress", ProgressBar).update(progress=fraction)
+
+    def _loaded(self, backend, summary: str, error: str | None) -> None:
+        self.query_one("#loading").display = False
+        self.backend, self.plan_summary, self.load_error = backend, summary, error
+        if error:
+            self.mount_log(Static(f"The model could not be loaded: {error}", classes="error"))
+        self.update_status()
+
+    # -- chats --------------------------------------------------------------------------------------------
+
+    def refresh_chat_list(self) -> None:
+        lv = self.query_one("#chats", ListView)
+        lv.clear()
+        for c in self.store.chats():
+            lv.append(ListItem(Label(c.title[:24]), name=str(c.id)))
+
+    def show_chat(self, chat: Chat) -> None:
+        self.chat = chat
+        log = self.query_one("#log", VerticalScroll)
+        log.remove_children()
+        for m in self.store.messages(chat.id):
+            log.mount(MessageView(m.role, m.content, m.id))
+        self.sub_title = chat.title
+        lv = self.query_one("#chats", ListView)
+        for i, item in enumerate(lv.children):
+            if item.name == str(chat.id):
+                lv.index = i
+
+    @on(ListView.Selected, "#chats")
+    def _select_chat(self, event: ListView.Selected) -> None:
+        if self.generating:
+            self.notify("Wait for the reply to finish (Esc stops it).")
+            return
+        chat = self.store.chat(int(event.item.name))
+        if chat and (self.chat is None or chat.id != self.chat.id):
+            self.show_chat(chat)
+
+    def action_new_chat(self) -> None:
+        if self.generating:
+            return
+        chat = self.store.new_chat(model=self.model_label, system=self.default_system or DEFAULT_SYSTEM)
+        self.refresh_chat_list()
+        self.show_chat(chat)
+
+    def action_delete_chat(self) -> None:
+        if self.generating or self.chat is None:
+            return
+        self.store.delete_chat(self.chat.id)
+        nxt = self.store.last_chat() or self.store.new_chat(model=self.model_label)
+        self.refresh_chat_list()
+        self.show_chat(nxt)
+        self.notify("Chat deleted")
+
+    def action_rename_chat(self) -> None:
+        def done(title: str | None) -> None:
+            if title:
+                self.store.rename(self.chat.id, title)
+                self.chat = self.store.chat(self.chat.id)
+                self.sub_title = title
+                self.refresh_chat_list()
+
+        self.push_screen(RenameScreen(self.chat.title), done)
+
+    def action_settings(self) -> None:
+        def done(values: dict | None) -> None:
+            if values:
+                self.store.update_settings(self.chat.id, **values)
+                self.chat = self.store.chat(self.chat.id)
+                self.notify("Settings saved for this chat")
+
+        self.push_screen(SettingsScreen(self.chat), done)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_export_chat(self) -> None:
+        folder = self.exports or Path.home()
+        folder.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^\w.-]+", "-", self.chat.title).strip("-") or "chat"
+        path = folder / f"{safe}-{self.chat.id}.md"
+        path.write_text(self.store.export_markdown(self.chat.id), encoding="utf-8")
+        self.notify(f"Exported to {path}")
+
+    # -- sending and streaming ----------------------------------------------------------------------------
+
+    def mount_log(self, widget) -> None:
+        self.query_one("#log", VerticalScroll).mount(widget)
+
+    @on(PromptInput.Submitted)
+    def _submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text.strip()
+        if not text:
+            return
+        if self.generating:
+            self.notify("A reply is still being written (Esc stops it).")
+            return
+        if self.backend is None:
+            self.notify(f"The model could not be loaded: {self.load_error}" if self.load_error else "The model is still loading.",
+                        severity="error" if self.load_error else "warning")
+            return
+        self.query_one("#prompt", PromptInput).clear()
+        if not self.store.messages(self.chat.id):
+            self.store.rename(self.chat.id, text.splitlines()[0][:40])
+            self.chat = self.store.chat(self.chat.id)
+            self.sub_title = self.chat.title
+            self.refresh_chat_list()
+        m = self.store.add_message(self.chat.id, "user", text)
+        self.mount_log(MessageView("user", text, m.id))
+        self.generate()
+
+    def prompt_messages(self) -> tuple[list[dict], int]:
+        """System prompt plus as much recent history as fits the context with room for the reply;
+        returns (messages, number of old messages left out). The system prompt is never dropped."""
+        history = [m.as_prompt() for m in self.store.messages(self.chat.id)]
+        system = [{"role": "system", "content": self.chat.system}] if self.chat.system else []
+        budget = self.ctx - min(self.chat.max_tokens, self.ctx // 2)
+        dropped = 0
+        while len(history) > 1 and self.backend.count_tokens(system + history) > budget:
+            history.pop(0)
+            dropped += 1
+            while history and history[0]["role"] != "user" and len(history) > 1:
+                history.pop(0)
+                dropped += 1
+        return system + history, dropped
+
+    def generate(self) -> None:
+        msgs, dropped = self.prompt_messages()
+        if dropped:
+            self.mount_log(Static(f"{dropped} earlier message(s) left out of the prompt: the conversation outgrew the "
+                                  f"{self.ctx}-token context.", classes="notice"))
+        c = self.chat
+        sampling = Sampling(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+        self._reply = MessageView("assistant")
+        self._reply_text = ""
+        self.mount_log(self._reply)
+        self._stream = None
+        self.generating = True
+        self.update_status("writing...")
+        threading.Thread(target=self._generate, args=(msgs, sampling), daemon=True).start()
+
+    def _generate(self, msgs: list[dict], sampling: Sampling) -> None:
+        try:
+            for piece in self.backend.stream(msgs, sampling):
+                self._pieces.put(piece)
+            self._pieces.put((_DONE, None))
+        except Exception as e:  # shown in the app; the partial reply is kept
+            self._pieces.put((_ERROR, str(e) or type(e).__name__))
+
+    async def drain(self) -> None:
+        if self._reply is None:
+            return
+        chunk, end = [], None
+        while True:
+            try:
+                item = self._pieces.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                end = item
+                break
+            chunk.append(item)
+        if chunk:
+            if self._stream is None and self._reply.is_mounted:
+                self._stream = Markdown.get_stream(self._reply.markdown)
+            text = "".join(chunk)
+            self._reply_text += text
+            if self._stream is not None:
+                await self._stream.write(text)
+        if end is not None:
+            await self._finish(*end)
+
+    async def _finish(self, kind, error: str | None) -> None:
+        view, text = self._reply, self._reply_text
+        self._reply = None
+        if self._stream is not None:
+            await self._stream.stop()
+        await view.markdown.update(text)  # one final full render
+        self.generating = False
+        stats = asdict(self.backend.stats) if kind is _DONE else None
+        self.last_stats = self.backend.stats if kind is _DONE else None
+        if text:
+            m = self.store.add_message(self.chat.id, "assistant", text, stats)
+            view.message_id = m.id
+        else:
+            await view.remove()
+        if kind is _ERROR:
+            self.mount_log(Static(f"Error: {error}", classes="error"))
+        elif self.backend.stats.stop == "cancelled":
+            self.notify("Stopped; the reply so far is kept.")
+        self.update_status()
+
+    def action_stop(self) -> None:
+        if self.generating and self.backend is not None:
+            self.backend.cancel()
+
+    def _last(self, role: str):
+        msgs = self.store.messages(self.chat.id)
+        return next((m for m in reversed(msgs) if m.role == role), None), msgs
+
+    def _remove_views_from(self, message_id: int) -> None:
+        for view in list(self.query(MessageView)):
+            if view.message_id is not None and view.message_id >= message_id:
+                view.remove()
+
+    def action_regenerate(self) -> None:
+        if self.generating or self.backend is None:
+            return
+        msgs = self.store.messages(self.chat.id)
+        if not msgs or msgs[-1].role != "assistant":
+            self.notify("No reply to regenerate.")
+            return
+        self.store.delete_message(msgs[-1].id)
+        self._remove_views_from(msgs[-1].id)
+        self.generate()
+
+    def action_edit_last(self) -> None:
+        if self.generating:
+            return
+        last_user, msgs = self._last("user")
+        if last_user is None:
+            return
+        for m in msgs:
+            if m.id >= last_user.id:
+                self.store.delete_message(m.id)
+        self._remove_views_from(last_user.id)
+        prompt = self.query_one("#prompt", PromptInput)
+        prompt.text = last_user.content
+        prompt.focus()
+
+    def action_copy_reply(self) -> None:
+        last, _ = self._last("assistant")
+        if last:
+            self.copy_to_clipboard(last.content)
+            self.notify("Reply copied")
+
+    def action_copy_code(self) -> None:
+        last, _ = self._last("assistant")
+        blocks = CODE_BLOCK.findall(last.content) if last else []
+        if blocks:
+            self.copy_to_clipboard(blocks[-1])
+            self.notify("Code block copied")
+        else:
+            self.notify("No code block in the last reply")
+
+    # -- status bar ---------------------------------------------------------------------------------------
+
+    def update_status(self, state: str = "") -> None:
+        parts = [self.model_label + (" (demo)" if self.demo else "")]
+        if self.plan_summary:
+            parts.append(self.plan_summary)
+        elif self.load_error:
+            parts.append("not loaded")
+        elif self.backend is None:
+            parts.append("loading...")
+        s = self.last_stats
+        if s is not None:
+            parts.append(f"ctx {s.ctx_used}/{s.ctx_total}")
+            parts.append(f"{s.gen_tps:.1f} tok/s")
+            parts.append(f"TTFT {s.ttft:.2f}s")
+        if state:
+            parts.append(state)
+        self.query_one("#status", Static).update(" · ".join(parts))

@@ -1,0 +1,286 @@
+"""The chat app driven by Textual's pilot. A fake backend (at the edge: it stands in for llama.cpp, not
+for the app) streams scripted replies so that UI behaviour can be tested exactly; one test runs the
+real demo model through the real backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from localmix.app.chat import ChatApp, MessageView, PromptInput
+from localmix.backends import Stats
+from localmix.store import Store
+
+
+class FakeBackend:
+    """Streams 'reply N to <last user message>' word by word; `slow` makes each word take 20 ms."""
+
+    def __init__(self, slow: bool = False, words_per_token: int = 1):
+        self.slow, self.calls, self.seen = slow, 0, []
+        self.stats = Stats()
+        self._cancel = threading.Event()
+
+    def count_tokens(self, messages):
+        return sum(len(m["content"].split()) + 4 for m in messages)
+
+    def cancel(self):
+        self._cancel.set()
+
+    def stream(self, messages, sampling):
+        self._cancel.clear()
+        self.calls += 1
+        self.seen.append(messages)
+        words = f"reply {self.calls} to {messages[-1]['content']}".split()
+        if self.slow:
+            words += [f"w{i}" for i in range(200)]
+        self.stats = Stats(prompt_tokens=self.count_tokens(messages), ctx_total=4096, stop="eos")
+        for i, w in enumerate(words):
+            if self._cancel.is_set():
+                self.stats.stop = "cancelled"
+                return
+            if self.slow:
+                time.sleep(0.02)
+            self.stats.gen_tokens = i + 1
+            yield ("" if i == 0 else " ") + w
+        self.stats.ctx_used = self.stats.prompt_tokens + len(words)
+
+    def close(self):
+        pass
+
+
+def make_app(tmp_path, backend=None, **kw):
+    backend = backend or FakeBackend()
+    store = Store(tmp_path / "chats.sqlite3")
+    app = ChatApp(lambda progress, path: (backend, "CPU only: fake"), store, "fake-model", ctx=kw.pop("ctx", 4096), **kw)
+    return app, backend, store
+
+
+async def send(pilot, text):
+    prompt = pilot.app.query_one("#prompt", PromptInput)
+    prompt.text = text
+    prompt.focus()
+    await pilot.press("enter")
+    await wait_idle(pilot)
+
+
+async def wait_idle(pilot, timeout=10.0):
+    end = time.monotonic() + timeout
+    await pilot.pause()
+    while (pilot.app.generating or pilot.app.backend is None) and time.monotonic() < end:
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+def texts(app):
+    return [(v.role, app.store.messages(app.chat.id)[i].content) for i, v in enumerate(app.query(MessageView))]
+
+
+@pytest.mark.anyio
+async def test_send_streams_and_persists(tmp_path):
+    app, backend, store = make_app(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        await send(pilot, "hello there")
+        views = list(app.query(MessageView))
+        assert [v.role for v in views] == ["user", "assistant"]
+        msgs = store.messages(app.chat.id)
+        assert [m.content for m in msgs] == ["hello there", "reply 1 to hello there"]
+        assert app.chat.title == "hello there"
+        assert "fake-model" in str(app.query_one("#status").render())
+
+
+@pytest.mark.anyio
+async def test_escape_stops_and_keeps_the_partial_reply(tmp_path):
+    app, backend, store = make_app(tmp_path, FakeBackend(slow=True))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        prompt = app.query_one("#prompt", PromptInput)
+        prompt.text = "tell me a story"
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert app.generating
+        t0 = time.monotonic()
+        await pilot.press("escape")
+        await wait_idle(pilot)
+        assert time.monotonic() - t0 < 1.0
+        reply = store.messages(app.chat.id)[-1]
+        assert reply.role == "assistant" and reply.content.startswith("reply 1 to tell me a story")
+        assert 4 < len(reply.content.split()) < 100
+
+
+@pytest.mark.anyio
+async def test_keys_answer_while_a_reply_streams(tmp_path):
+    app, backend, store = make_app(tmp_path, FakeBackend(slow=True))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        app.query_one("#prompt", PromptInput).text = "go"
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        handled = []
+        original = app.action_help
+        app.action_help = lambda: (handled.append(time.monotonic()), original())  # when the key is acted on
+        t0 = time.monotonic()
+        await pilot.press("f1")
+        await pilot.pause()
+        assert app.generating, "the reply is still streaming"
+        assert handled and handled[0] - t0 < 0.1
+        assert app.screen.__class__.__name__ == "HelpScreen"
+        await pilot.press("escape")
+        await pilot.press("escape")
+        await wait_idle(pilot)
+
+
+@pytest.mark.anyio
+async def test_regenerate_and_edit_last(tmp_path):
+    app, backend, store = make_app(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        await send(pilot, "first question")
+        await pilot.press("ctrl+r")
+        await wait_idle(pilot)
+        assert [m.content for m in store.messages(app.chat.id)] == ["first question", "reply 2 to first question"]
+        assert len(app.query(MessageView)) == 2
+        await pilot.press("up")  # on the empty prompt: edit the last message
+        await pilot.pause()
+        assert store.messages(app.chat.id) == [] and app.query_one("#prompt", PromptInput).text == "first question"
+        app.query_one("#prompt", PromptInput).text = "better question"
+        await pilot.press("enter")
+        await wait_idle(pilot)
+        assert [m.content for m in store.messages(app.chat.id)] == ["better question", "reply 3 to better question"]
+
+
+@pytest.mark.anyio
+async def test_new_switch_rename_delete_and_restart(tmp_path):
+    app, backend, store = make_app(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        await send(pilot, "about cats")
+        first = app.chat.id
+        await pilot.press("ctrl+n")
+        await send(pilot, "about dogs")
+        second = app.chat.id
+        assert first != second and len(store.chats()) == 2
+        app.query_one("#chats").focus()
+        app.query_one("#chats").index = 1  # the older chat
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.chat.id == first and [v.role for v in app.query(MessageView)] == ["user", "assistant"]
+        await pilot.press("f2")
+        await pilot.pause()
+        for _ in range(20):
+            await pilot.press("backspace")
+        await pilot.press(*"Cats")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert store.chat(first).title == "Cats"
+        await pilot.press("f8")
+        await pilot.pause()
+        assert store.chat(first) is None and app.chat.id == second
+    store.close()
+    # a restart resumes the last chat, with its messages
+    app2, _, store2 = make_app(tmp_path)
+    async with app2.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        assert app2.chat.id == second
+        assert [m.content for m in store2.messages(second)] == ["about dogs", "reply 2 to about dogs"]
+        assert len(app2.query(MessageView)) == 2
+
+
+@pytest.mark.anyio
+async def test_settings_apply_to_the_chat(tmp_path):
+    app, backend, store = make_app(tmp_path)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_idle(pilot)
+        await pilot.press("f3")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#system").text = "You are a pirate."
+        screen.query_one("#temperature").value = "0.2"
+        screen.query_one("#max_tokens").value = "64"
+        await pilot.click("#save")
+        await pilot.pause()
+        c = store.chat(app.chat.id)
+        assert (c.system, c.temperature, c.max_tokens) == ("You are a pirate.", 0.2, 64)
+        await send(pilot, "ahoy")
+        assert backend.seen[-1][0] == {"role": "system", "content": "You are a pirate."}
+
+
+@pytest.mark.anyio
+async def test_context_overflow_leaves_out_oldest_turns_but_never_the_system_prompt(tmp_path):
+    app, backend, store = make_app(tmp_path, ctx=120, system="Stay calm.")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        store.update_settings(app.chat.id, max_tokens=20)
+        app.chat = store.chat(app.chat.id)
+        for i in range(6):
+            await send(pilot, f"message number {i} " + "word " * 10)
+        last_prompt = backend.seen[-1]
+        assert last_prompt[0] == {"role": "system", "content": "Stay calm."}
+        assert last_prompt[1]["role"] == "user" and "number 0" not in last_prompt[1]["content"]
+        assert backend.count_tokens(last_prompt) <= 100
+        notices = [str(w.render()) for w in app.query(".notice")]
+        assert notices and "left out of the prompt" in notices[-1]
+
+
+@pytest.mark.anyio
+async def test_any_language_and_export(tmp_path):
+    app, backend, store = make_app(tmp_path, exports=tmp_path / "exports")
+    text = "Ça va très bien, grüße aus München! ¿Qué tal? 東京 🚀"
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        await send(pilot, text)
+        assert store.messages(app.chat.id)[-1].content == f"reply 1 to {text}"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        [exported] = (tmp_path / "exports").glob("*.md")
+        assert text in exported.read_text(encoding="utf-8")
+
+
+@pytest.mark.anyio
+async def test_load_failure_is_shown_and_chats_survive(tmp_path):
+    store = Store(tmp_path / "chats.sqlite3")
+    old = store.new_chat(title="kept")
+    store.add_message(old.id, "user", "still here")
+
+    def broken(progress, path):
+        raise RuntimeError("model file is corrupt")
+
+    app = ChatApp(broken, store, "broken-model")
+    async with app.run_test(size=(100, 30)) as pilot:
+        for _ in range(40):
+            await pilot.pause(0.05)
+            if app.load_error:
+                break
+        assert "corrupt" in app.load_error
+        assert any("could not be loaded" in str(w.render()) for w in app.query(".error"))
+        app.query_one("#prompt", PromptInput).text = "hello"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert [m.content for m in store.messages(old.id)] == ["still here"]
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_real_demo_model_answers(tmp_path):
+    """The demo model, built on first use from SmolLM2 without torch, through the real backend."""
+    import argparse
+
+    from localmix.commands.chat import make_prepare
+
+    args = argparse.Namespace(vram=None, ram=None, ctx=1024, kv_type="f16", threads=2)
+    store = Store(tmp_path / "chats.sqlite3")
+    app = ChatApp(make_prepare(args, None), store, "demo", ctx=1024, demo=True)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot, timeout=120)
+        assert app.backend is not None, app.load_error
+        await send(pilot, "Write a haiku about the sea.")
+        await wait_idle(pilot, timeout=120)
+        reply = store.messages(app.chat.id)[-1]
+        assert reply.role == "assistant" and reply.content.strip()
+        assert app.last_stats.gen_tokens > 0 and "tok/s" in str(app.query_one("#status").render())

@@ -53,7 +53,7 @@ class FakeBackend:
 def make_app(tmp_path, backend=None, **kw):
     backend = backend or FakeBackend()
     store = Store(tmp_path / "chats.sqlite3")
-    app = ChatApp(lambda progress, path: (backend, "CPU only: fake"), store, "fake-model", ctx=kw.pop("ctx", 4096), **kw)
+    app = ChatApp(lambda progress, path: (backend, {"split": "100% CPU", "summary": "CPU only: fake"}), store, "fake-model", ctx=kw.pop("ctx", 4096), **kw)
     return app, backend, store
 
 

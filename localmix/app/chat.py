@@ -19,7 +19,7 @@ from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message as TMessage
-from textual.widgets import Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
+from textual.widgets import Footer, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
 from ..backends import Sampling
 from ..store import Chat, Store
@@ -28,6 +28,12 @@ from .screens import HelpScreen, ModelPicker, RenameScreen, SettingsScreen
 DEFAULT_SYSTEM = ""
 _DONE, _ERROR = object(), object()
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+def for_display(text: str) -> str:
+    """Markdown with the model's line breaks kept (a poem, an address), code blocks untouched."""
+    parts = re.split(r"(```.*?(?:```|$))", text, flags=re.S)
+    return "".join(p if p.startswith("```") else re.sub(r"(?<!\n)\n(?!\n)", "  \n", p) for p in parts)
 
 # (action, title, help) for the command palette; every action also has a key (see HelpScreen).
 ACTIONS = [
@@ -87,7 +93,7 @@ class MessageView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label({"user": "You", "assistant": "Model", "system": "System"}.get(self.role, self.role), classes="role")
-        yield Markdown(self.content)
+        yield Markdown(for_display(self.content))
 
     @property
     def markdown(self) -> Markdown:
@@ -99,6 +105,7 @@ class ChatApp(App):
     COMMANDS = App.COMMANDS | {ChatCommands}
     CSS = """
     #sidebar { width: 28; border-right: solid $primary-darken-2; }
+    Horizontal { height: 1fr; }
     #chats { height: 1fr; }
     #main { width: 1fr; }
     #log { height: 1fr; padding: 0 1; }
@@ -133,15 +140,16 @@ class ChatApp(App):
 
     def __init__(self, prepare: Callable, store: Store, model_label: str, *, ctx: int = 4096, system: str | None = None,
                  demo: bool = False, exports: Path | None = None, choices: list[tuple[str, str]] | None = None):
-        """prepare(progress, path) -> (backend, plan summary) runs in a thread: it builds or finds the
-        model (path None: the default one) and loads it; progress(fraction, what) reports along the way.
+        """prepare(progress, path) -> (backend, {"split": "45%/55% CPU/GPU", "summary": one line on the
+        plan}) runs in a thread: it builds or finds the model (path None: the default one) and loads it;
+        progress(fraction, what) reports along the way.
         With `choices` ((label, path) pairs) the user picks the model first."""
         super().__init__()
         self.choices = choices
         self.prepare, self.store, self.model_label, self.ctx = prepare, store, model_label, ctx
         self.default_system, self.demo, self.exports = system, demo, exports
         self.backend = None
-        self.plan_summary = ""
+        self.placement: dict = {}
         self.load_error: str | None = None
         self.chat: Chat | None = None
         self.generating = False
@@ -164,7 +172,8 @@ class ChatApp(App):
                     yield ProgressBar(total=1.0, show_eta=False, id="progress")
                 yield VerticalScroll(id="log")
                 yield PromptInput(id="prompt", soft_wrap=True, show_line_numbers=False)
-                yield Static("", id="status")
+        yield Static("", id="status")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#log", VerticalScroll).anchor()
@@ -199,21 +208,23 @@ class ChatApp(App):
             self.call_from_thread(self._show_progress, fraction, what)
 
         try:
-            backend, summary = self.prepare(progress, path)
+            backend, placement = self.prepare(progress, path)
         except Exception as e:  # any load failure is shown in the app; the app and the chats stay
-            self.call_from_thread(self._loaded, None, "", f"{type(e).__name__}: {e}" if not str(e) else str(e))
+            self.call_from_thread(self._loaded, None, {}, str(e) or type(e).__name__)
             return
-        self.call_from_thread(self._loaded, backend, summary, None)
+        self.call_from_thread(self._loaded, backend, placement, None)
 
     def _show_progress(self, fraction: float, what: str) -> None:
         self.query_one("#loading-label", Label).update(f"{what}...")
         self.query_one("#progress", ProgressBar).update(progress=fraction)
 
-    def _loaded(self, backend, summary: str, error: str | None) -> None:
+    def _loaded(self, backend, placement: dict, error: str | None) -> None:
         self.query_one("#loading").display = False
-        self.backend, self.plan_summary, self.load_error = backend, summary, error
+        self.backend, self.placement, self.load_error = backend, placement, error
         if error:
             self.mount_log(Static(f"The model could not be loaded: {error}", classes="error"))
+        elif placement.get("summary"):
+            self.notify(placement["summary"], title=f"{self.model_label} loaded", timeout=6)
         self.update_status()
 
     # -- chats --------------------------------------------------------------------------------------------
@@ -384,7 +395,7 @@ class ChatApp(App):
         self._reply = None
         if self._stream is not None:
             await self._stream.stop()
-        await view.markdown.update(text)  # one final full render
+        await view.markdown.update(for_display(text))  # one final full render, line breaks kept
         self.generating = False
         stats = asdict(self.backend.stats) if kind is _DONE else None
         self.last_stats = self.backend.stats if kind is _DONE else None
@@ -456,8 +467,8 @@ class ChatApp(App):
 
     def update_status(self, state: str = "") -> None:
         parts = [self.model_label + (" (demo)" if self.demo else "")]
-        if self.plan_summary:
-            parts.append(self.plan_summary)
+        if self.placement.get("split"):
+            parts.append(self.placement["split"])
         elif self.load_error:
             parts.append("not loaded")
         elif self.backend is None:

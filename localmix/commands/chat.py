@@ -24,7 +24,7 @@ def store_models() -> list:
 
 
 def make_prepare(args: argparse.Namespace, default_model):
-    """The app's loader: (progress, path) -> (backend, plan summary), run in the app's loading thread.
+    """The app's loader: (progress, path) -> (backend, {"split", "summary"}), run in the app's loading thread.
     No path and no default model: the demo, built on first use."""
 
     def prepare(progress, path=None):
@@ -34,7 +34,7 @@ def make_prepare(args: argparse.Namespace, default_model):
         from ..demo import ensure_demo
         from ..model_info import read_model_info
         from ..planner import plan
-        from .common import machine_and_budget, summary_line
+        from .common import machine_and_budget, split_label, summary_line
 
         path = path or default_model or ensure_demo(lambda f: progress(f, "Building the demo model (first run only)"))
         info = read_model_info(path)
@@ -42,7 +42,7 @@ def make_prepare(args: argparse.Namespace, default_model):
         p = plan(info, budget, args.ctx, args.kv_type)
         backend = LlamaBackend(info, p, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads or hw.cores)
         backend.load(lambda f: progress(f, f"Loading {Path(path).name}"))
-        return backend, summary_line(info, p)
+        return backend, {"split": split_label(p), "summary": summary_line(info, p)}
 
     return prepare
 

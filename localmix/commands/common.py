@@ -99,6 +99,15 @@ def layer_rows(info, p) -> list[tuple[str, str, str]]:
     return rows
 
 
+def split_label(p) -> str:
+    """Where the weights are, as `ollama ps` shows it: '100% CPU' or '45%/55% CPU/GPU'."""
+    gpu, cpu = p.vram.get("weights", 0), p.ram["weights"]
+    if not gpu:
+        return "100% CPU"
+    share = round(100 * cpu / (cpu + gpu))
+    return "100% GPU" if share == 0 else f"{share}%/{100 - share}% CPU/GPU"
+
+
 def summary_line(info, p) -> str:
     """One line, e.g. 'GPU 11.8 GiB: attention + experts of layers 14-31; CPU 14.2 GiB: experts of
     layers 0-13; predicted 17 tok/s'."""

@@ -284,3 +284,23 @@ async def test_real_demo_model_answers(tmp_path):
         reply = store.messages(app.chat.id)[-1]
         assert reply.role == "assistant" and reply.content.strip()
         assert app.last_stats.gen_tokens > 0 and "tok/s" in str(app.query_one("#status").render())
+
+
+@pytest.mark.anyio
+async def test_model_picker_when_the_store_has_several(tmp_path):
+    loaded = []
+
+    def prepare(progress, path):
+        loaded.append(path)
+        return FakeBackend(), {"split": "100% CPU", "summary": "fake"}
+
+    store = Store(tmp_path / "chats.sqlite3")
+    app = ChatApp(prepare, store, "?", choices=[("a.gguf", "/models/a.gguf"), ("b.gguf", "/models/b.gguf")])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert app.screen.__class__.__name__ == "ModelPicker"
+        await pilot.press("down", "enter")
+        await wait_idle(pilot)
+        assert loaded == ["/models/b.gguf"] and app.model_label == "b"
+        await send(pilot, "hi")
+        assert store.messages(app.chat.id)[-1].content == "reply 1 to hi"

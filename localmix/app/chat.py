@@ -1,13 +1,14 @@
 """`localmix chat`: the Textual app. It knows conversations (localmix.store) and the Backend interface
 (localmix.backends), nothing of llama.cpp. The model loads in a thread while the app is already usable;
-replies stream from a thread through a queue that the UI drains at 30 Hz, so generation never waits for
-rendering."""
+replies stream from a thread through a queue that the UI drains RENDER_HZ times a second, so generation
+never waits for rendering."""
 
 from __future__ import annotations
 
 import queue
 import re
 import threading
+import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,11 @@ from ..store import Chat, Store
 from .screens import HelpScreen, ModelPicker, RenameScreen, SettingsScreen
 
 DEFAULT_SYSTEM = ""
+# How often streamed text is rendered: up to RENDER_HZ times a second, but slower when rendering is
+# costly, so that the UI thread's CPU time stays under UI_SHARE of the time (on a small machine the
+# cores that render are the cores that generate; Markdown rendering also holds the GIL).
+RENDER_HZ = 10
+UI_SHARE = 0.03
 _DONE, _ERROR = object(), object()
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
@@ -155,8 +161,10 @@ class ChatApp(App):
         self.generating = False
         self._pieces: queue.Queue = queue.Queue()
         self._reply: MessageView | None = None
-        self._reply_text = ""
+        self._reply_text = self._pending = ""
         self._stream = None
+        self._render_due = 0.0
+        self._ui_cpu = 0.0
         self.last_stats = None
 
     # -- layout and start-up ----------------------------------------------------------------------------
@@ -183,7 +191,7 @@ class ChatApp(App):
         self.refresh_chat_list()
         self.show_chat(chat)
         self.query_one("#prompt", PromptInput).focus()
-        self.set_interval(1 / 30, self.drain)
+        self.set_interval(1 / RENDER_HZ, self.drain)
         if self.demo:
             self.notify("This is a small demo model. " + "For Mixtral: localmix quantize mistralai/Mixtral-8x7B-Instruct-v0.1",
                         title="Demo model", timeout=8)
@@ -352,7 +360,8 @@ class ChatApp(App):
         c = self.chat
         sampling = Sampling(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
         self._reply = MessageView("assistant")
-        self._reply_text = ""
+        self._reply_text = self._pending = ""
+        self._render_due, self._ui_cpu = 0.0, time.thread_time()
         self.mount_log(self._reply)
         self._stream = None
         self.generating = True
@@ -381,12 +390,18 @@ class ChatApp(App):
                 break
             chunk.append(item)
         if chunk:
+            self._reply_text += "".join(chunk)
+            self._pending += "".join(chunk)
+        now = time.perf_counter()
+        if self._pending and (now >= self._render_due or end is not None):
             if self._stream is None and self._reply.is_mounted:
                 self._stream = Markdown.get_stream(self._reply.markdown)
-            text = "".join(chunk)
-            self._reply_text += text
             if self._stream is not None:
-                await self._stream.write(text)
+                await self._stream.write(self._pending)
+                self._pending = ""
+            spent = time.thread_time() - self._ui_cpu  # UI CPU since the last render, compositing included
+            self._ui_cpu = time.thread_time()
+            self._render_due = now + min(1.0, max(1 / RENDER_HZ, spent / UI_SHARE))
         if end is not None:
             await self._finish(*end)
 

@@ -111,7 +111,7 @@ def split_label(p) -> str:
 def summary_line(info, p) -> str:
     """One line, e.g. 'GPU 11.8 GiB: attention + experts of layers 14-31; CPU 14.2 GiB: experts of
     layers 0-13; predicted 17 tok/s'."""
-    gpu_w, cpu_w = p.vram.get("weights", 0), p.ram["weights"]
+    cpu_w = p.ram["weights"]
     if not p.n_gpu_layers:
         return f"CPU only: {cpu_w / GiB:.1f} GiB of weights in RAM; predicted {p.decode_tps:.1f} tok/s"
     experts = [t for t in info.tensors if t.role == "expert"]

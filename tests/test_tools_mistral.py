@@ -1,0 +1,120 @@
+"""Mistral's native tool format against mistral-common's own encoding (the v3 tokenizer of Mixtral
+8x22B), token for token, and the parsing of [TOOL_CALLS] replies."""
+
+import pytest
+from fixtures import mistral_tokenizer_file
+
+from localmix.tools.mistral import CONTROL, ToolCallError, encode, parse_tool_calls, render_text
+
+CALC = {"name": "calculator", "description": "Evaluate an arithmetic expression",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}
+WEATHER = {"name": "weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+                          "required": ["city"]}}
+
+CONVERSATIONS = {
+    "no tools": ([{"role": "user", "content": "Bonjour, ça va ?"}], None),
+    "system and turns": ([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! "},
+        {"role": "user", "content": "Name a colour."},
+    ], None),
+    "one call and its result": ([
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "tool_calls": [{"id": "abcdefghi", "name": "calculator", "arguments": {"expression": "2+3"}}]},
+        {"role": "tool", "tool_call_id": "abcdefghi", "name": "calculator", "content": "5"},
+    ], [CALC]),
+    "several calls": ([
+        {"role": "user", "content": "Weather in Paris and Berlin, and 6*7?"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "call00001", "name": "weather", "arguments": {"city": "Paris"}},
+            {"id": "call00002", "name": "weather", "arguments": {"city": "Berlin", "unit": "C"}},
+            {"id": "call00003", "name": "calculator", "arguments": {"expression": "6*7"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call00001", "name": "weather", "content": '{"temp": 18, "sky": "clear"}'},
+        {"role": "tool", "tool_call_id": "call00002", "name": "weather", "content": '{"temp": 12, "sky": "rain"}'},
+        {"role": "tool", "tool_call_id": "call00003", "name": "calculator", "content": "42"},
+    ], [CALC, WEATHER]),
+    "multi-turn with tools": ([
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "tool_calls": [{"id": "abcdefghi", "name": "calculator", "arguments": {"expression": "2+3"}}]},
+        {"role": "tool", "tool_call_id": "abcdefghi", "name": "calculator", "content": "5"},
+        {"role": "assistant", "content": "It is 5."},
+        {"role": "user", "content": "And the weather in Zürich?"},
+    ], [CALC, WEATHER]),
+}
+
+
+def mistral_common_tokens(messages, tools):
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    import json
+
+    converted = []
+    for m in messages:
+        if m["role"] == "system":
+            converted.append(SystemMessage(content=m["content"]))
+        elif m["role"] == "user":
+            converted.append(UserMessage(content=m["content"]))
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            converted.append(AssistantMessage(tool_calls=[
+                ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=json.dumps(c["arguments"])))
+                for c in m["tool_calls"]]))
+        elif m["role"] == "assistant":
+            converted.append(AssistantMessage(content=m["content"]))
+        else:
+            converted.append(ToolMessage(tool_call_id=m["tool_call_id"], name=m["name"], content=m["content"]))
+    mt = MistralTokenizer.from_file(str(mistral_tokenizer_file("v3")))
+    request = ChatCompletionRequest(messages=converted, tools=[Tool(function=Function(**t)) for t in tools] if tools else None)
+    return mt.encode_chat_completion(request).tokens
+
+
+@pytest.fixture(scope="module")
+def v3_vocab(tiny_gguf):
+    from llama_cpp import Llama
+
+    llm = Llama(str(tiny_gguf("Q4_K_M")), vocab_only=True, verbose=False)
+    ids = {text: llm.tokenize(text.encode(), add_bos=False, special=True)[0] for text in CONTROL}
+    ids.update({"<s>": llm.token_bos(), "</s>": llm.token_eos()})
+    yield (lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)), ids
+    llm.close()
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_tokens_equal_mistral_common(name, v3_vocab):
+    messages, tools = CONVERSATIONS[name]
+    tokenize, ids = v3_vocab
+    assert encode(messages, tools, tokenize, ids) == mistral_common_tokens(messages, tools)
+
+
+def test_rendered_text_shows_the_structure():
+    messages, tools = CONVERSATIONS["one call and its result"]
+    text = render_text(messages, tools)
+    assert text.startswith("<s>[AVAILABLE_TOOLS][{\"type\": \"function\"")
+    assert "[INST]Use tools.\n\nWhat is 2+3?[/INST][TOOL_CALLS][{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+3\"}, \"id\": \"abcdefghi\"}]</s>" in text
+    assert text.endswith('[TOOL_RESULTS]{"content": 5, "call_id": "abcdefghi"}[/TOOL_RESULTS]')
+
+
+def test_parse_good_calls():
+    calls = parse_tool_calls('[TOOL_CALLS] [{"name": "calculator", "arguments": {"expression": "1+1"}, "id": "abcdefghi"}]')
+    assert calls == [{"id": "abcdefghi", "name": "calculator", "arguments": {"expression": "1+1"}}]
+    two = parse_tool_calls('[{"name": "a", "arguments": "{\\"x\\": 1}"}, {"name": "b"}]')
+    assert [c["name"] for c in two] == ["a", "b"] and two[0]["arguments"] == {"x": 1} and two[1]["arguments"] == {}
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in two)
+
+
+@pytest.mark.parametrize("reply, why", [
+    ('[{"name": "calculator", "arguments": {"expression": "1+1"}', "not valid JSON"),
+    ("[]", "not a list of calls"),
+    ('[{"arguments": {}}]', "has no name"),
+    ('[{"name": "calculator", "arguments": [1, 2]}]', "not a JSON object"),
+    ('[{"name": "rm_rf", "arguments": {}}]', "unknown tool"),
+])
+def test_parse_malformed_calls_gives_a_clear_error(reply, why):
+    with pytest.raises(ToolCallError) as e:
+        parse_tool_calls(reply, known={"calculator"})
+    assert why in str(e.value)

@@ -77,6 +77,26 @@ class LlamaBackend:
                 verbose=self.verbose,
             )
         self._keepalive = (overrides, keep, progress_cb)
+        self._control = self._control_ids()
+
+    def _control_ids(self) -> dict[str, int]:
+        """Ids of Mistral's tool tokens, when the vocabulary has them as single control tokens."""
+        from ..tools.mistral import CONTROL
+
+        ids = {}
+        for text in CONTROL:
+            toks = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+            if len(toks) == 1:
+                ids[text] = toks[0]
+        if len(ids) == len(CONTROL):
+            ids.update({"<s>": self.llm.token_bos(), "</s>": self.llm.token_eos()})
+            return ids
+        return {}
+
+    @property
+    def native_tools(self) -> bool:
+        """Mistral's native tool tokens ([AVAILABLE_TOOLS], [TOOL_CALLS]...) are in the vocabulary."""
+        return bool(self._control)
 
     @contextmanager
     def _capture_log(self):
@@ -101,13 +121,13 @@ class LlamaBackend:
 
     # -- chat -----------------------------------------------------------------------------------------
 
-    def _piece(self, token: int) -> bytes:
+    def _piece(self, token: int, special: bool = False) -> bytes:
         import llama_cpp
 
         size = 64
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_token_to_piece(self.llm._model.vocab, token, buf, size, 0, False)
+            n = llama_cpp.llama_token_to_piece(self.llm._model.vocab, token, buf, size, 0, special)
             if n >= 0:
                 return buf.raw[:n]
             size = -n  # llama.cpp returns the size it needs, negated
@@ -115,7 +135,15 @@ class LlamaBackend:
     def render(self, messages: list[dict]) -> str:
         return render(self.info.chat_template, messages, bos=self.info.bos_text, eos=self.info.eos_text)
 
-    def tokens_for(self, messages: list[dict]) -> list[int]:
+    def tokens_for(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        from ..tools import mistral
+        from ..tools.loop import protocol_messages
+
+        uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if uses_tools and self.native_tools:
+            return mistral.encode(messages, tools, lambda t: self.llm.tokenize(t.encode(), add_bos=False), self._control)
+        if uses_tools:
+            messages = protocol_messages(messages, tools or [])
         prompt = self.render(messages)
         tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
         bos = self.llm.token_bos()
@@ -123,18 +151,23 @@ class LlamaBackend:
             tokens.insert(0, bos)
         return tokens
 
-    def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokens_for(messages))
+    def count_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+        return len(self.tokens_for(messages, tools))
 
     def cancel(self) -> None:
         self._cancel.set()
 
-    def stream(self, messages: list[dict], sampling: Sampling) -> Iterator[str]:
+    def stream(self, messages: list[dict], sampling: Sampling, *, tools: list[dict] | None = None, grammar=None,
+               force_tool_calls: bool = False) -> Iterator[str]:
+        """The reply, piece by piece. `tools`: the tools on offer; `grammar`: a llama.cpp grammar the reply
+        must follow; `force_tool_calls`: start the reply with [TOOL_CALLS] (native tools)."""
         import llama_cpp
 
         self._cancel.clear()
         t0 = time.perf_counter()
-        tokens = self.tokens_for(messages)
+        tokens = self.tokens_for(messages, tools)
+        if force_tool_calls:
+            tokens.append(self._control["[TOOL_CALLS]"])
         if len(tokens) >= self.ctx:
             raise ContextFull(f"the prompt has {len(tokens)} tokens, the context holds {self.ctx}")
         llm = self.llm
@@ -150,7 +183,9 @@ class LlamaBackend:
         max_new = min(sampling.max_tokens, self.ctx - len(tokens))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stats = Stats(cached_tokens=min(cached, len(tokens) - 1), ctx_total=self.ctx, stop="length")
-        gen = llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p, top_k=40, min_p=0.05, repeat_penalty=1.0)
+        gen = llm.generate(tokens, temp=sampling.temperature, top_p=sampling.top_p, top_k=40, min_p=0.05, repeat_penalty=1.0,
+                           grammar=grammar)
+        visible = {self._control.get("[TOOL_CALLS]", -1)}  # shown as text, so that callers see a tool call
         n, started = 0, False
         try:
             for tok in gen:
@@ -160,7 +195,7 @@ class LlamaBackend:
                     self.stats.stop = "eos"
                     break
                 n += 1
-                text = decoder.decode(self._piece(tok))
+                text = decoder.decode(self._piece(tok, special=tok in visible))
                 if n == 1 or not started:
                     text = text.lstrip(" ")  # SentencePiece's word-start space on the reply's first word
                 if text:

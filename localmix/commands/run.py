@@ -20,6 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     add_budget_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json-schema", metavar="FILE", help="constrain the reply to JSON valid under this schema")
+    out.add_argument("--json", action="store_true", help="constrain the reply to a JSON object")
+    out.add_argument("--tools", nargs="*", metavar="FILE",
+                     help="let the model call tools: the built-in ones, installed ones, and those in FILE(s)")
+    p.add_argument("--tool-choice", default="auto", metavar="auto|required|NAME",
+                   help="with --tools: let the model decide (auto), or force a call (required, or of tool NAME)")
+    p.add_argument("--yes", action="store_true", help="with --tools: run tools that have side effects without asking")
     p.add_argument("--print-prompt", action="store_true", help="print the rendered prompt and exit")
     p.add_argument("--verbose", action="store_true", help="plan and timings on stderr")
 
@@ -40,12 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from .common import load_plan, summary_line
 
     messages = _messages(args)
+    toolset = _toolset(args)
+    schema = _schema(args)
     if args.print_prompt:
         info = read_model_info(args.model)
-        try:
-            sys.stdout.write(render(info.chat_template, messages, bos=info.bos_text, eos=info.eos_text))
-        except TemplateError as e:
-            raise UserError(str(e)) from None
+        sys.stdout.write(_prompt_text(info, messages, toolset))
         return 0
 
     from ..backends.llama import LlamaBackend
@@ -62,9 +69,23 @@ def run(args: argparse.Namespace) -> int:
     t_load = time.perf_counter() - t0
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
-        for piece in backend.stream(messages, sampling):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        if toolset is not None:
+            sys.stdout.write(_with_tools(backend, messages, toolset, sampling, args))
+        else:
+            grammar = None
+            if schema is not None:
+                from ..tools.grammar import grammar_for
+
+                grammar = grammar_for(schema)
+            pieces = []
+            for piece in backend.stream(messages, sampling, grammar=grammar):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            if schema is not None:
+                from ..tools.grammar import validate
+
+                validate("".join(pieces), schema)
     except (ContextFull, TemplateError) as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
@@ -90,3 +111,85 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _toolset(args):
+    if args.tools is None:
+        if args.tool_choice != "auto":
+            from ..errors import UserError
+
+            raise UserError("--tool-choice needs --tools")
+        return None
+    from ..tools import load_tools
+
+    return load_tools(args.tools)
+
+
+def _schema(args):
+    import json
+
+    from ..errors import UserError
+    from ..tools.grammar import ANY_JSON_OBJECT, check_schema
+
+    if args.json:
+        return ANY_JSON_OBJECT
+    if not args.json_schema:
+        return None
+    try:
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise UserError(f"--json-schema {args.json_schema}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--json-schema {args.json_schema}: not JSON ({e.msg}, line {e.lineno})") from None
+    check_schema(schema)
+    return schema
+
+
+def _prompt_text(info, messages, toolset) -> str:
+    """The prompt as the model will see it, without loading the model."""
+    from ..chat_template import TemplateError, render
+    from ..errors import UserError
+    from ..tools.loop import protocol_messages
+    from ..tools.mistral import render_text
+
+    if toolset is not None and "[AVAILABLE_TOOLS]" in _vocab_specials(info):
+        return render_text(messages, toolset.specs())
+    if toolset is not None:
+        messages = protocol_messages(messages, toolset.specs())
+    try:
+        return render(info.chat_template, messages, bos=info.bos_text, eos=info.eos_text)
+    except TemplateError as e:
+        raise UserError(str(e)) from None
+
+
+def _vocab_specials(info) -> set[str]:
+    from ..gguf_header import read_header
+
+    kv, _ = read_header(info.path)
+    return {t for t in kv.get("tokenizer.ggml.tokens") or [] if t.startswith("[") and t.endswith("]")}
+
+
+def _with_tools(backend, messages, toolset, sampling, args) -> str:
+    import json
+
+    from ..errors import UserError
+    from ..tools.loop import ToolLoopError, run_tools
+    from ..tools.mistral import ToolCallError
+
+    def confirm(call) -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            print(f"refused {call['name']}: it has side effects (pass --yes to allow)", file=sys.stderr)
+            return False
+        answer = input(f"Run {call['name']}({json.dumps(call['arguments'])})? It has side effects. [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    def show(call, result) -> None:
+        print(f"tool: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}", file=sys.stderr)
+
+    try:
+        return run_tools(backend, messages, toolset, sampling, choice=args.tool_choice, confirm=confirm, on_call=show)
+    except (ToolLoopError, ToolCallError) as e:
+        raise UserError(str(e)) from None

@@ -1,0 +1,114 @@
+"""Constrained output: JSON schemas to llama.cpp grammars (GBNF, with llama-cpp-python's converter),
+and the schemas of tool calls, so that even a small model emits output that parses and validates."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import UserError
+
+# Keywords llama.cpp's schema converter does not enforce: a schema that uses them is refused rather than
+# producing output that would not validate.
+UNSUPPORTED = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired", "patternProperties", "contains",
+               "uniqueItems", "multipleOf", "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+
+ANY_JSON_OBJECT = {"type": "object"}
+
+
+def check_schema(schema) -> None:
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise UserError("a JSON schema must be a JSON object")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise UserError(f"not a valid JSON schema: {e.message}") from None
+    found = sorted(_keywords(schema) & set(UNSUPPORTED))
+    if found:
+        raise UserError(f"this JSON schema uses {', '.join(found)}, which constrained generation cannot enforce")
+    refs = [r for r in _refs(schema) if not r.startswith("#")]
+    if refs:
+        raise UserError(f"this JSON schema refers to external schemas ({refs[0]}); inline them")
+
+
+def _keywords(node) -> set[str]:
+    out = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "properties" and k != "$defs" and k != "definitions":
+                out.add(k)
+            if k in ("properties", "$defs", "definitions") and isinstance(v, dict):
+                for sub in v.values():
+                    out |= _keywords(sub)
+            else:
+                out |= _keywords(v)
+    elif isinstance(node, list):
+        for v in node:
+            out |= _keywords(v)
+    return out
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def grammar_for(schema: dict):
+    """A llama.cpp grammar that only lets the model write JSON valid under `schema`."""
+    from llama_cpp import LlamaGrammar
+
+    check_schema(schema)
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except Exception as e:  # the converter raises plain exceptions on what it cannot express
+        raise UserError(f"this JSON schema cannot be turned into a grammar: {e}") from None
+
+
+def validate(text: str, schema: dict):
+    """The parsed output, or a UserError saying why it does not validate."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"the output is not JSON ({e.msg}); was it cut by --max-tokens?") from None
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as e:
+        raise UserError(f"the output does not match the schema: {e.message}") from None
+    return value
+
+
+def call_schema(tools: list[dict]) -> dict:
+    """One call of any of `tools`: {"name": <one of them>, "arguments": <its parameters>}."""
+    options = [
+        {"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t.get("parameters") or {"type": "object"}},
+         "required": ["name", "arguments"]}
+        for t in tools
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def native_calls_schema(tools: list[dict]) -> dict:
+    """Mistral's [TOOL_CALLS] payload: a list of one or more calls."""
+    return {"type": "array", "items": call_schema(tools), "minItems": 1}
+
+
+def protocol_schema(tools: list[dict]) -> dict:
+    """The JSON tool-call protocol for models without native tools: {"tool_calls": [calls]}."""
+    return {"type": "object", "properties": {"tool_calls": native_calls_schema(tools)}, "required": ["tool_calls"]}
+
+
+# A reply in words: anything that does not open a JSON object or list (a tool call), as the first
+# visible character. Used after a forced round of calls, so that the answer comes in words.
+WORDS_GBNF = r"root ::= [^{\[ \t\n] [^\x00]*"
+
+
+def words_grammar():
+    from llama_cpp import LlamaGrammar
+
+    return LlamaGrammar.from_string(WORDS_GBNF, verbose=False)

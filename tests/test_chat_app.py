@@ -304,3 +304,55 @@ async def test_model_picker_when_the_store_has_several(tmp_path):
         assert loaded == ["/models/b.gguf"] and app.model_label == "b"
         await send(pilot, "hi")
         assert store.messages(app.chat.id)[-1].content == "reply 1 to hi"
+
+
+class ToolCallingBackend(FakeBackend):
+    """Answers a user message with a JSON-protocol call of save_note, and a tool result with words."""
+
+    native_tools = False
+
+    def stream(self, messages, sampling, tools=None, grammar=None, force_tool_calls=False):
+        self.calls += 1
+        self.seen.append(messages)
+        self.stats = Stats(ctx_total=4096, stop="eos")
+        if messages[-1]["role"] == "user":
+            yield '{"tool_calls": [{"name": "save_note", "arguments": {"text": "buy milk"}}]}'
+        else:
+            yield f"Done: {messages[-1]['content']}"
+
+
+def note_tools(target):
+    from localmix.tools import ToolSet, from_function, tool
+
+    @tool(side_effects=True)
+    def save_note(text: str) -> str:
+        """Save a note."""
+        target.write_text(text)
+        return "saved"
+
+    return ToolSet([from_function(save_note)])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("answer, saved", [("y", True), ("n", False)])
+async def test_side_effect_tools_ask_first_and_calls_are_shown(tmp_path, answer, saved):
+    target = tmp_path / "note.txt"
+    app, backend, store = make_app(tmp_path, ToolCallingBackend(), toolset=note_tools(target))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        app.query_one("#prompt", PromptInput).text = "remember milk"
+        await pilot.press("enter")
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if app.screen.__class__.__name__ == "ConfirmScreen":
+                break
+        assert app.screen.__class__.__name__ == "ConfirmScreen" and not target.exists()
+        await pilot.press(answer)
+        await wait_idle(pilot)
+        assert target.exists() is saved
+        roles = [(m.role, bool(m.tool_calls)) for m in store.messages(app.chat.id)]
+        assert roles == [("user", False), ("assistant", True), ("tool", False), ("assistant", False)]
+        final = store.messages(app.chat.id)[-1].content
+        assert final == ("Done: saved" if saved else 'Done: {"error": "the user did not allow this call"}')
+        tool_views = [v for v in app.query(MessageView) if v.role == "tool"]
+        assert len(tool_views) == 1 and "save_note" in tool_views[0].content_text()

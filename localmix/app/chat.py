@@ -5,6 +5,7 @@ never waits for rendering."""
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import threading
@@ -24,7 +25,7 @@ from textual.widgets import Footer, Label, ListItem, ListView, Markdown, Progres
 
 from ..backends import Sampling
 from ..store import Chat, Store
-from .screens import HelpScreen, ModelPicker, RenameScreen, SettingsScreen
+from .screens import ConfirmScreen, HelpScreen, ModelPicker, RenameScreen, SettingsScreen
 
 DEFAULT_SYSTEM = ""
 # How often streamed text is rendered: up to RENDER_HZ times a second, but slower when rendering is
@@ -92,18 +93,27 @@ class PromptInput(TextArea):
             self.insert("\n")
 
 
+def describe_call(call: dict, result: str | None = None) -> str:
+    args = json.dumps(call["arguments"], ensure_ascii=False)
+    return f"`{call['name']}({args})`" + (f" → `{result}`" if result is not None else " …")
+
+
 class MessageView(Vertical):
     def __init__(self, role: str, content: str = "", message_id: int | None = None):
         super().__init__(classes=f"message {role}")
         self.role, self.content, self.message_id = role, content, message_id
 
     def compose(self) -> ComposeResult:
-        yield Label({"user": "You", "assistant": "Model", "system": "System"}.get(self.role, self.role), classes="role")
+        yield Label({"user": "You", "assistant": "Model", "system": "System", "tool": "Tool call"}.get(self.role, self.role),
+                    classes="role")
         yield Markdown(for_display(self.content))
 
     @property
     def markdown(self) -> Markdown:
         return self.query_one(Markdown)
+
+    def content_text(self) -> str:
+        return self.markdown.source
 
 
 class ChatApp(App):
@@ -145,13 +155,15 @@ class ChatApp(App):
     ]
 
     def __init__(self, prepare: Callable, store: Store, model_label: str, *, ctx: int = 4096, system: str | None = None,
-                 demo: bool = False, exports: Path | None = None, choices: list[tuple[str, str]] | None = None):
+                 demo: bool = False, exports: Path | None = None, choices: list[tuple[str, str]] | None = None,
+                 toolset=None):
         """prepare(progress, path) -> (backend, {"split": "45%/55% CPU/GPU", "summary": one line on the
         plan}) runs in a thread: it builds or finds the model (path None: the default one) and loads it;
         progress(fraction, what) reports along the way.
         With `choices` ((label, path) pairs) the user picks the model first."""
         super().__init__()
         self.choices = choices
+        self.toolset = toolset  # localmix.tools.ToolSet: the model may call these
         self.prepare, self.store, self.model_label, self.ctx = prepare, store, model_label, ctx
         self.default_system, self.demo, self.exports = system, demo, exports
         self.backend = None
@@ -247,8 +259,13 @@ class ChatApp(App):
         self.chat = chat
         log = self.query_one("#log", VerticalScroll)
         log.remove_children()
+        results = {m.tool_call_id: m.content for m in self.store.messages(chat.id) if m.role == "tool"}
         for m in self.store.messages(chat.id):
-            log.mount(MessageView(m.role, m.content, m.id))
+            if m.tool_calls:
+                for c in m.tool_calls:
+                    log.mount(MessageView("tool", describe_call(c, results.get(c["id"])), m.id))
+            elif m.role != "tool":
+                log.mount(MessageView(m.role, m.content, m.id))
         self.sub_title = chat.title
         lv = self.query_one("#chats", ListView)
         for i, item in enumerate(lv.children):
@@ -366,7 +383,27 @@ class ChatApp(App):
         self._stream = None
         self.generating = True
         self.update_status("writing...")
-        threading.Thread(target=self._generate, args=(msgs, sampling), daemon=True).start()
+        target = self._generate_with_tools if self.toolset is not None else self._generate
+        threading.Thread(target=target, args=(msgs, sampling), daemon=True).start()
+
+    def _generate_with_tools(self, msgs: list[dict], sampling: Sampling) -> None:
+        """The call-and-answer loop in the generation thread; calls, results and confirmations go
+        through the queue to the UI."""
+        from ..tools.loop import run_tools
+
+        def confirm(call: dict) -> bool:
+            answer, done = [], threading.Event()
+            self._pieces.put(("confirm", call, answer, done))
+            done.wait()
+            return bool(answer and answer[0])
+
+        try:
+            run_tools(self.backend, msgs, self.toolset, sampling, confirm=confirm,
+                      on_text=self._pieces.put, on_calls=lambda calls: self._pieces.put(("calls", calls)),
+                      on_call=lambda call, result: self._pieces.put(("result", call, result)))
+            self._pieces.put((_DONE, None))
+        except Exception as e:  # a malformed call or the round limit: shown in the app
+            self._pieces.put((_ERROR, str(e) or type(e).__name__))
 
     def _generate(self, msgs: list[dict], sampling: Sampling) -> None:
         try:
@@ -379,19 +416,20 @@ class ChatApp(App):
     async def drain(self) -> None:
         if self._reply is None:
             return
-        chunk, end = [], None
+        end = None
         while True:
             try:
                 item = self._pieces.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, tuple):
+            if isinstance(item, tuple) and item[0] in (_DONE, _ERROR):
                 end = item
                 break
-            chunk.append(item)
-        if chunk:
-            self._reply_text += "".join(chunk)
-            self._pending += "".join(chunk)
+            if isinstance(item, tuple):  # a tool event, in order with the text around it
+                await self._tool_event(*item)
+                continue
+            self._reply_text += item
+            self._pending += item
         now = time.perf_counter()
         if self._pending and (now >= self._render_due or end is not None):
             if self._stream is None and self._reply.is_mounted:
@@ -404,6 +442,35 @@ class ChatApp(App):
             self._render_due = now + min(1.0, max(1 / RENDER_HZ, spent / UI_SHARE))
         if end is not None:
             await self._finish(*end)
+
+    async def _tool_event(self, kind: str, *args) -> None:
+        if kind == "calls":  # the text streamed so far was the call itself: show calls instead
+            (calls,) = args
+            if self._stream is not None:
+                await self._stream.stop()
+                self._stream = None
+            self._reply_text = self._pending = ""
+            await self._reply.markdown.update("")
+            m = self.store.add_message(self.chat.id, "assistant", "", tool_calls=calls)
+            for c in calls:
+                view = MessageView("tool", describe_call(c), m.id)
+                view.call_id = c["id"]
+                await self.query_one("#log", VerticalScroll).mount(view, before=self._reply)
+        elif kind == "result":
+            call, result = args
+            self.store.add_message(self.chat.id, "tool", result, tool_call_id=call["id"], name=call["name"])
+            for view in self.query(MessageView):
+                if getattr(view, "call_id", None) == call["id"]:
+                    await view.markdown.update(describe_call(call, result))
+        elif kind == "confirm":
+            call, answer, done = args
+
+            def decided(ok: bool) -> None:
+                answer.append(ok)
+                done.set()
+
+            self.push_screen(ConfirmScreen(f"The model wants to run {describe_call(call)}.\n"
+                                           f"{call['name']} has side effects. Run it?"), decided)
 
     async def _finish(self, kind, error: str | None) -> None:
         view, text = self._reply, self._reply_text

@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_budget_arguments(p)
     p.add_argument("--system", help="system prompt for a new chat")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--tools", nargs="*", metavar="FILE",
+                   help="let the model call tools: the built-in ones, installed ones, and those in FILE(s)")
 
 
 def store_models() -> list:
@@ -60,9 +62,14 @@ def run(args: argparse.Namespace) -> int:
     prepare = make_prepare(args, models[0] if models else None)
     label = DEMO_FILE.removesuffix(".gguf") if demo else models[0].name.removesuffix(".gguf")
     choices = [(m.name, str(m)) for m in models] if len(models) > 1 else None
+    toolset = None
+    if args.tools is not None:
+        from ..tools import load_tools
+
+        toolset = load_tools(args.tools)
     store = Store(default_path())
     app = ChatApp(prepare, store, label, ctx=args.ctx, system=args.system, demo=demo, exports=home() / "exports",
-                  choices=choices)
+                  choices=choices, toolset=toolset)
     try:
         app.run()
     finally:

@@ -33,6 +33,25 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_chat ON messages(chat_id, id);
     """,
+    # 2: tool calls. SQLite cannot change a CHECK constraint in place: the table is rebuilt.
+    """
+    CREATE TABLE messages_v2 (
+        id INTEGER PRIMARY KEY,
+        chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+        content TEXT NOT NULL,
+        stats TEXT,
+        created REAL NOT NULL,
+        tool_calls TEXT,
+        tool_call_id TEXT,
+        name TEXT
+    );
+    INSERT INTO messages_v2 (id, chat_id, role, content, stats, created)
+        SELECT id, chat_id, role, content, stats, created FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE INDEX messages_by_chat ON messages(chat_id, id);
+    """,
 ]
 
 SETTINGS = ("system", "temperature", "top_p", "max_tokens", "seed")
@@ -60,9 +79,17 @@ class Message:
     content: str
     stats: dict | None
     created: float
+    tool_calls: list | None = None  # assistant: [{"id", "name", "arguments"}]
+    tool_call_id: str | None = None  # tool: the call it answers
+    name: str | None = None  # tool: its name
 
     def as_prompt(self) -> dict:
-        return {"role": self.role, "content": self.content}
+        m = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            m["tool_calls"] = self.tool_calls
+        if self.role == "tool":
+            m.update(tool_call_id=self.tool_call_id, name=self.name)
+        return m
 
 
 class Store:
@@ -123,14 +150,17 @@ class Store:
         self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", (time.time(), chat_id))
 
     # messages
-    def add_message(self, chat_id: int, role: str, content: str, stats: dict | None = None) -> Message:
+    def add_message(self, chat_id: int, role: str, content: str, stats: dict | None = None, *,
+                    tool_calls: list | None = None, tool_call_id: str | None = None, name: str | None = None) -> Message:
         now = time.time()
         cur = self.db.execute(
-            "INSERT INTO messages (chat_id, role, content, stats, created) VALUES (?, ?, ?, ?, ?)",
-            (chat_id, role, content, json.dumps(stats) if stats else None, now),
+            "INSERT INTO messages (chat_id, role, content, stats, created, tool_calls, tool_call_id, name)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (chat_id, role, content, json.dumps(stats) if stats else None, now,
+             json.dumps(tool_calls) if tool_calls else None, tool_call_id, name),
         )
         self._touch(chat_id)
-        return Message(cur.lastrowid, chat_id, role, content, stats, now)
+        return Message(cur.lastrowid, chat_id, role, content, stats, now, tool_calls, tool_call_id, name)
 
     def update_message(self, message_id: int, content: str, stats: dict | None = None) -> None:
         self.db.execute(
@@ -144,7 +174,8 @@ class Store:
     def messages(self, chat_id: int) -> list[Message]:
         rows = self.db.execute("SELECT * FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,))
         return [Message(r["id"], r["chat_id"], r["role"], r["content"], json.loads(r["stats"]) if r["stats"] else None,
-                        r["created"]) for r in rows]
+                        r["created"], json.loads(r["tool_calls"]) if r["tool_calls"] else None, r["tool_call_id"], r["name"])
+                for r in rows]
 
     def export_markdown(self, chat_id: int) -> str:
         chat = self.chat(chat_id)
@@ -152,7 +183,13 @@ class Store:
         if chat.system:
             parts.append(f"**System:** {chat.system}\n")
         for m in self.messages(chat_id):
-            parts.append(f"## {m.role.capitalize()}\n\n{m.content}\n")
+            if m.tool_calls:
+                calls = "\n".join(f"- `{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})`" for c in m.tool_calls)
+                parts.append(f"## Assistant (tool calls)\n\n{calls}\n")
+            elif m.role == "tool":
+                parts.append(f"## Tool result ({m.name})\n\n```\n{m.content}\n```\n")
+            else:
+                parts.append(f"## {m.role.capitalize()}\n\n{m.content}\n")
         return "\n".join(parts)
 
 

@@ -72,7 +72,8 @@ def find_calls(text: str, native: bool, forced: bool, toolset: ToolSet) -> list[
 
 def run_tools(backend, messages: list[dict], toolset: ToolSet, sampling, *, choice: str = "auto",
               confirm: Callable[[dict], bool] = lambda call: False, on_call: Callable[[dict, str], None] | None = None,
-              on_text: Callable[[str], None] | None = None, max_rounds: int = MAX_ROUNDS) -> str:
+              on_text: Callable[[str], None] | None = None, on_calls: Callable[[list[dict]], None] | None = None,
+              max_rounds: int = MAX_ROUNDS) -> str:
     """Run the loop; returns the final answer and appends the whole exchange to `messages`.
     choice: "auto" (the model decides each round), "required" (one round of calls of any tool, then an
     answer in words), or a tool name (one round calling that tool, then an answer in words)."""
@@ -99,6 +100,8 @@ def run_tools(backend, messages: list[dict], toolset: ToolSet, sampling, *, choi
             messages.append({"role": "assistant", "content": text})
             return text
         messages.append({"role": "assistant", "tool_calls": calls})
+        if on_calls:
+            on_calls(calls)
         for call in calls:
             t = toolset[call["name"]]
             if t.side_effects and not confirm(call):

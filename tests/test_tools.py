@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 
 from localmix.errors import UserError
-from localmix.tools import ToolSet, from_entry_points, from_file, from_function, load_tools, tool
+from localmix.tools import ToolSet, from_entry_points, from_file, from_function, load_tools
 from localmix.tools.builtin import calculator, current_datetime
 from localmix.tools.grammar import check_schema, grammar_for, protocol_schema
 

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from ..backends import ContextFull, Sampling
-    from ..chat_template import TemplateError, render
+    from ..chat_template import TemplateError
     from ..errors import UserError
     from ..model_info import read_model_info
     from .common import load_plan, summary_line

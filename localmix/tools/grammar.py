@@ -112,3 +112,18 @@ def words_grammar():
     from llama_cpp import LlamaGrammar
 
     return LlamaGrammar.from_string(WORDS_GBNF, verbose=False)
+
+
+def call_or_words_grammar(schema: dict):
+    """Either a tool call valid under `schema` or an answer in words: the model decides, and whichever
+    it picks comes out well-formed (the JSON protocol's "auto" rounds)."""
+    import re
+
+    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    check_schema(schema)
+    gbnf = json_schema_to_gbnf(json.dumps(schema))
+    gbnf = re.sub(r"^root ::=", "call ::=", gbnf, flags=re.M)
+    words = WORDS_GBNF.replace("root ::=", "words ::=")
+    return LlamaGrammar.from_string(f"root ::= call | words\n{gbnf}\n{words}", verbose=False)

@@ -11,7 +11,7 @@ import json
 from typing import Callable
 
 from . import ToolSet
-from .grammar import grammar_for, native_calls_schema, protocol_schema, words_grammar
+from .grammar import call_or_words_grammar, grammar_for, native_calls_schema, protocol_schema, words_grammar
 from .mistral import ToolCallError, parse_tool_calls
 
 MAX_ROUNDS = 6
@@ -89,6 +89,8 @@ def run_tools(backend, messages: list[dict], toolset: ToolSet, sampling, *, choi
             grammar = grammar_for(native_calls_schema(allowed) if native else protocol_schema(allowed))
         elif choice != "auto":
             grammar = words_grammar()  # the forced calls are done: now the answer
+        elif not native:
+            grammar = call_or_words_grammar(protocol_schema(specs))  # a well-formed call, or words
         pieces = []
         for piece in backend.stream(messages, sampling, tools=specs, grammar=grammar, force_tool_calls=forced and native):
             pieces.append(piece)

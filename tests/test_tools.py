@@ -208,3 +208,14 @@ def test_tool_flags_need_tools():
     r = run_cli("run", "x.gguf", "hi", "--tool-choice", "required")
     assert r.returncode == 1 and "--tool-choice needs --tools" in r.stderr
     assert sys.executable
+
+
+def test_native_mistral_tool_path_end_to_end(tiny_gguf):
+    """A model with Mistral's tool tokens (the v3 vocabulary): the reply is forced to start with
+    [TOOL_CALLS] and follow the calls grammar, so even random weights produce a call that parses; its
+    result goes back as [TOOL_RESULTS] and the model then answers in words."""
+    r = run_cli("run", str(tiny_gguf("Q4_K_M")), "What is 2+2?", "--tools", "--tool-choice", "calculator",
+                "--temperature", "0", "--max-tokens", "60", "--ctx", "1024")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith('tool: calculator({"expression": ')
+    assert r.stdout.strip() and not r.stdout.startswith("[")

@@ -18,7 +18,7 @@ TEXT = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="path to a GGUF file")
+    p.add_argument("model", metavar="MODEL", help="a GGUF file, or a model name in the store (localmix list)")
     add_budget_arguments(p)
     p.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens to decode (default 64)")
@@ -83,9 +83,10 @@ def measure(info, p, args, threads: int) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..model_info import read_model_info
+    from ..models import resolve_model
     from .common import machine_and_budget
 
-    info = read_model_info(args.model)
+    info = read_model_info(resolve_model(args.model))
     hw, budget = machine_and_budget(args)
     rows = []
     for p in configs(info, budget, args):

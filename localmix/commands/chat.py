@@ -10,7 +10,8 @@ from .common import add_budget_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", nargs="?", help="path to a GGUF file (default: the model store, else the demo)")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a GGUF file or a store name (default: the store's model, a picker if several, else the demo)")
     add_budget_arguments(p)
     p.add_argument("--system", help="system prompt for a new chat")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
@@ -19,10 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def store_models() -> list:
+    """The store's models (their first files), most recently changed first; the demo is not one."""
     from ..demo import DEMO_FILE
-    from ..paths import models_dir
+    from ..models import stored_models
 
-    return sorted((p for p in models_dir().glob("*.gguf") if p.name != DEMO_FILE), key=lambda p: -p.stat().st_mtime)
+    paths = [m.path for m in stored_models() if m.path.name != DEMO_FILE]
+    return sorted(paths, key=lambda p: -p.stat().st_mtime)
 
 
 def make_prepare(args: argparse.Namespace, default_model):
@@ -57,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from ..paths import home
     from ..store import Store, default_path
 
-    models = [Path(args.model)] if args.model else store_models()
+    from ..models import resolve_model
+
+    models = [resolve_model(args.model)] if args.model else store_models()
     demo = not models
     prepare = make_prepare(args, models[0] if models else None)
     label = DEMO_FILE.removesuffix(".gguf") if demo else models[0].name.removesuffix(".gguf")

@@ -52,9 +52,10 @@ def machine_and_budget(args: argparse.Namespace):
 def load_plan(args: argparse.Namespace):
     """Model info, hardware, budget and the auto plan for a MODEL argument."""
     from ..model_info import read_model_info
+    from ..models import resolve_model
     from ..planner import plan
 
-    info = read_model_info(args.model)
+    info = read_model_info(resolve_model(args.model))
     if args.ctx > info.n_ctx_train:
         raise UserError(f"--ctx {args.ctx} is longer than the model's trained context ({info.n_ctx_train})")
     hw, budget = machine_and_budget(args)

@@ -11,7 +11,7 @@ from .common import GiB, add_budget_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="path to a GGUF file")
+    p.add_argument("model", metavar="MODEL", help="a GGUF file, or a model name in the store (localmix list)")
     add_budget_arguments(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the plan as JSON (keys in the README)")

@@ -11,7 +11,7 @@ from .common import add_budget_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="path to a GGUF file")
+    p.add_argument("model", metavar="MODEL", help="a GGUF file, or a model name in the store (localmix list)")
     p.add_argument("prompt", metavar="PROMPT", help="the user message ('-' reads it from stdin)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512)
@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     toolset = _toolset(args)
     schema = _schema(args)
     if args.print_prompt:
-        info = read_model_info(args.model)
+        from ..models import resolve_model
+
+        info = read_model_info(resolve_model(args.model))
         sys.stdout.write(_prompt_text(info, messages, toolset))
         return 0
 

@@ -53,7 +53,6 @@ def make_prepare(args: argparse.Namespace, default_model):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from ..app.chat import ChatApp
     from ..demo import DEMO_FILE

@@ -16,6 +16,7 @@ COMMANDS = {
     "plan": ("plan", "show where each tensor of a GGUF goes (GPU or CPU) and the predicted speed"),
     "bench": ("bench", "measure prefill and decode speed of the auto plan against llama.cpp's usual splits"),
     "quantize": ("quantize", "Hugging Face checkpoint (folder or repo id) to a 4-bit GGUF in one streaming pass"),
+    "pull": ("pull", "fetch a model from the Hugging Face hub into the store (GGUF, or safetensors to quantize)"),
     "list": ("list", "list the models in the store"),
     "info": ("info", "show what a model holds and how it would run here"),
     "rm": ("rm", "remove a model from the store"),

@@ -98,6 +98,19 @@ class FakeHub:
                 siblings.append(entry)
             return self._json(h, {"id": repo, "modelId": repo, "sha": self.commit(repo), "siblings": siblings,
                                   "gated": repo in self.gated, "private": False}, body)
+        m = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/.*)?$", path)
+        if m:
+            repo = m.group(1)
+            if repo not in self.repos:
+                return self._error(h, 404, "RepoNotFound", f"Repository {repo} not found")
+            entries = []
+            for name, f in self.repos[repo].items():
+                size = f.stat().st_size
+                entry = {"type": "file", "path": name, "size": size, "oid": hashlib.sha1(name.encode()).hexdigest()}
+                if name.endswith((".gguf", ".safetensors")):
+                    entry["lfs"] = {"oid": self.sha256(f), "size": size, "pointerSize": 134}
+                entries.append(entry)
+            return self._json(h, entries, body)
         m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         if m:
             repo, _, name = m.groups()

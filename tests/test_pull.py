@@ -92,3 +92,30 @@ def test_pull_errors_are_one_line(hub, args, expect):
 def test_offline_and_not_cached(hub):
     r = run_cli("pull", "acme/tiny-mixtral-GGUF", env={**env(hub), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and "offline" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_repo_names_where_a_model_is_taken(hub):
+    # not in the store and no terminal to ask in: one line saying how to fetch it
+    r = run_cli("plan", "acme/tiny-mixtral-GGUF:Q4_K_M", "--json", env=env(hub), stdin=devnull())
+    assert r.returncode == 1 and "localmix pull acme/tiny-mixtral-GGUF Q4_K_M" in r.stderr
+    assert run_cli("pull", "acme/tiny-mixtral-GGUF", env=env(hub)).returncode == 0
+    r = run_cli("plan", "acme/tiny-mixtral-GGUF:Q4_K_M", "--json", env=env(hub), stdin=devnull())
+    assert r.returncode == 0, r.stderr
+
+
+def test_pull_a_safetensors_repo_quantizes_it(tmp_path, tiny):
+    with FakeHub() as h:
+        h.add("acme/tiny-mixtral", {p.name: p for p in sorted(tiny.iterdir()) if p.is_file()})
+        r = run_cli("pull", "acme/tiny-mixtral", "Q4_K_M", env=env(h))
+        assert r.returncode == 0, r.stderr
+    stored = Path(os.environ["LOCALMIX_HOME"]) / "models" / "acme--tiny-mixtral-Q4_K_M.gguf"
+    assert stored.is_file()
+    from gguf_compare import metadata
+
+    assert metadata(stored)["general.source.huggingface.repository"] == "acme/tiny-mixtral"
+
+
+def devnull():
+    import subprocess
+
+    return subprocess.DEVNULL

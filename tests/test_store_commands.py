@@ -71,3 +71,17 @@ def subprocess_devnull():
     import subprocess
 
     return subprocess.DEVNULL
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda b: b"GGUF" + (9).to_bytes(4, "little") + b[8:], "unsupported GGUF version 9"),
+    (lambda b: b[:8] + (2**40).to_bytes(8, "little") + b[16:], "corrupt GGUF header"),
+    (lambda b: b[:200], "truncated or corrupt GGUF header"),
+    (lambda b: b"GGML" + b[4:], "not a GGUF file"),
+])
+def test_damaged_gguf_files_are_refused_before_llama_cpp(tmp_path, tiny_gguf, damage, expect):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(damage(tiny_gguf("Q4_K_M").read_bytes()))
+    for cmd in (("info", str(bad)), ("run", str(bad), "hi"), ("plan", str(bad))):
+        r = run_cli(*cmd)
+        assert r.returncode == 1 and expect in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)

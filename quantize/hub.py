@@ -34,7 +34,18 @@ def resolve(src: str, revision: str | None = None) -> tuple[Path, dict]:
     if not REPO_ID.match(src):
         raise QuantizeError(f"{src}: no such folder, and not a hub repo id (like mistralai/Mixtral-8x7B-Instruct-v0.1)")
     from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(src, revision=revision, allow_patterns=NEEDED))
+    except Exception as e:
+        raise hub_error(e, src, revision) from None
+    return folder, {"repo": src, "revision": folder.name}
+
+
+def hub_error(e: Exception, repo: str, revision: str | None = None, what: str = "download") -> Exception:
+    """The one-line error for a huggingface-hub failure (the exception itself when it is not one)."""
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -42,18 +53,18 @@ def resolve(src: str, revision: str | None = None) -> tuple[Path, dict]:
         RevisionNotFoundError,
     )
 
-    try:
-        folder = Path(snapshot_download(src, revision=revision, allow_patterns=NEEDED))
-    except GatedRepoError:
-        raise QuantizeError(f"{src} is gated: accept its terms on the hub and log in (hf auth login or HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise QuantizeError(f"{src}: no such repo on the hub (or it is private and you are not logged in)") from None
-    except RevisionNotFoundError:
-        raise QuantizeError(f"{src}: no revision {revision}") from None
-    except LocalEntryNotFoundError:
-        raise QuantizeError(f"{src} is not in the local Hugging Face cache and the hub cannot be reached (offline?)") from None
-    except HfHubHTTPError as e:
-        raise QuantizeError(f"{src}: download failed: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise QuantizeError(f"{src}: download failed: {e}") from None
-    return folder, {"repo": src, "revision": folder.name}
+    # Order matters: subclasses first (the specific errors derive from HfHubHTTPError, the local one
+    # from EntryNotFoundError).
+    messages = [
+        (GatedRepoError, f"{repo} is gated: accept its terms on the hub and log in (hf auth login or HF_TOKEN)"),
+        (RepositoryNotFoundError, f"{repo}: no such repo on the hub (or it is private and you are not logged in)"),
+        (RevisionNotFoundError, f"{repo}: no revision {revision}"),
+        (LocalEntryNotFoundError, f"{repo} is not in the local Hugging Face cache and the hub cannot be reached (offline?)"),
+        (EntryNotFoundError, f"{repo}: a file is not on the hub"),
+        (HfHubHTTPError, f"{repo}: {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"),
+        (OSError, f"{repo}: {what} failed: {e}"),
+    ]
+    for kind, message in messages:
+        if isinstance(e, kind):
+            return QuantizeError(message)
+    return e

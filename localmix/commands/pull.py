@@ -51,19 +51,6 @@ def choose_files(files: list[str], quant: str) -> list[str]:
     return parts or [chosen]
 
 
-def _hub_errors():
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    return EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-
 def pull(repo: str, quant: str = "Q4_K_M", revision: str | None = None, force: bool = False):
     """Fetch and link; returns the store path of the model (its first file)."""
     import hashlib
@@ -75,7 +62,10 @@ def pull(repo: str, quant: str = "Q4_K_M", revision: str | None = None, force: b
     from ..errors import UserError
     from ..paths import models_dir
 
-    EntryNotFound, Gated, HTTPError, NotCached, RepoNotFound, RevisionNotFound = _hub_errors()
+    from huggingface_hub.errors import LocalEntryNotFoundError as NotCached
+
+    from quantize.hub import hub_error
+
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     sizes, hashes = {}, {}
     try:
@@ -89,16 +79,8 @@ def pull(repo: str, quant: str = "Q4_K_M", revision: str | None = None, force: b
                 hashes[s.rfilename] = s.lfs.sha256
     except NotCached:
         files = None  # offline: only what the cache already has
-    except Gated:
-        raise UserError(f"{repo} is gated: accept its terms on the hub and log in (hf auth login or HF_TOKEN)") from None
-    except RepoNotFound:
-        raise UserError(f"{repo}: no such repo on the hub (or it is private and you are not logged in)") from None
-    except RevisionNotFound:
-        raise UserError(f"{repo}: no revision {revision}") from None
-    except HTTPError as e:
-        raise UserError(f"{repo}: {str(e).splitlines()[0]}") from None
-    except OSError as e:  # no network
-        raise UserError(f"{repo}: the hub cannot be reached ({e})") from None
+    except Exception as e:
+        raise hub_error(e, repo, revision, "listing the repo") from None
 
     if files is None:  # offline: choose among the repo's files in the cache
         try:
@@ -124,12 +106,8 @@ def pull(repo: str, quant: str = "Q4_K_M", revision: str | None = None, force: b
     for part, target in zip(parts, targets):
         try:
             local = Path(hf_hub_download(repo, part, revision=revision))
-        except Gated:
-            raise UserError(f"{repo} is gated: accept its terms on the hub and log in (hf auth login or HF_TOKEN)") from None
-        except (EntryNotFound, NotCached):
-            raise UserError(f"{repo}: {part} is not on the hub or in the cache (offline?)") from None
-        except HTTPError as e:
-            raise UserError(f"{repo}: download of {part} failed: {str(e).splitlines()[0]}") from None
+        except Exception as e:
+            raise hub_error(e, repo, revision, f"download of {part}") from None
         if part in sizes and sizes[part] is not None and local.stat().st_size != sizes[part]:
             raise UserError(f"{part}: {local.stat().st_size} bytes downloaded, the hub says {sizes[part]}")
         if part in hashes:

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def configs(info, budget, args) -> list:
     """The auto plan and the whole-layer baselines that fit the same VRAM, without duplicates."""
+    from dataclasses import replace
+
     from ..planner import n_cpu_moe, plan
 
     out = [plan(info, budget, args.ctx, args.kv_type)]
@@ -37,7 +39,7 @@ def configs(info, budget, args) -> list:
             if p is None:
                 continue
             if n == info.n_layer:
-                p = type(p)(**{**p.__dict__, "label": "all experts on CPU"})
+                p = replace(p, label="all experts on CPU")
             out.append(p)
             if n != info.n_layer:
                 break  # the smallest N that fits is the best whole-layer split

@@ -116,7 +116,6 @@ def _plan_summary(path: Path, args: argparse.Namespace) -> str:
     from ..planner import plan
     from .common import machine_and_budget, summary_line
 
-    args.ctx, args.kv_type = 4096, "f16"
     info = read_model_info(path)
     _, budget = machine_and_budget(args)
     where = "the given budget" if args.vram is not None or args.ram is not None else "this machine"

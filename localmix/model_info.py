@@ -45,6 +45,7 @@ class ModelInfo:
     bos_text: str = ""
     eos_text: str = ""
     add_bos: bool = False
+    native_tools: bool = False  # the vocabulary has Mistral's tool tokens ([AVAILABLE_TOOLS], [TOOL_CALLS]...)
 
     @property
     def is_moe(self) -> bool:
@@ -77,6 +78,7 @@ def layer_of(name: str) -> int:
 
 def read_model_info(path: str | Path) -> ModelInfo:
     from .gguf_header import GGUFError, read_header
+    from .tools.mistral import CONTROL
 
     path = Path(path)
     if not path.is_file():
@@ -122,6 +124,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
             bos_text=token_text("tokenizer.ggml.bos_token_id"),
             eos_text=token_text("tokenizer.ggml.eos_token_id"),
             add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", kv.get("tokenizer.ggml.model") == "llama")),
+            native_tools=set(CONTROL) <= set(tokens),
         )
     except (TypeError, ValueError):
         raise UserError(f"{path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None

@@ -12,20 +12,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="as JSON")
 
 
-def describe(path) -> dict:
+def describe(info) -> dict:
     from ..gguf_header import read_header
-    from ..model_info import read_model_info
-    from ..tools.mistral import CONTROL
 
-    info = read_model_info(path)
-    kv, _ = read_header(path)
+    kv, _ = read_header(info.path)  # the few keys ModelInfo does not keep
     total = info.weight_bytes or 1
     types: dict[str, int] = {}
     for t in info.tensors:
         types[t.type] = types.get(t.type, 0) + t.nbytes
-    tokens = set(kv.get("tokenizer.ggml.tokens") or [])
     template = info.chat_template or ""
-    native_tools = all(c in tokens for c in CONTROL)
     expert_bytes = sum(t.nbytes for t in info.tensors if t.role == "expert")
     return {
         "path": info.path, "name": info.name, "architecture": info.arch, "type": info.file_type,
@@ -36,7 +31,7 @@ def describe(path) -> dict:
         "rope_base": kv.get(f"{info.arch}.rope.freq_base"),
         "tensor_types": {k: {"bytes": v, "share": v / total} for k, v in sorted(types.items(), key=lambda kv_: -kv_[1])},
         "chat_template": template,
-        "tools": "native (Mistral [AVAILABLE_TOOLS]/[TOOL_CALLS])" if native_tools
+        "tools": "native (Mistral [AVAILABLE_TOOLS]/[TOOL_CALLS])" if info.native_tools
                  else "in the chat template" if "tool" in template else "JSON protocol (localmix)",
         "source": kv.get("general.source.huggingface.repository"),
         "quantized_by": kv.get("general.quantized_by"),
@@ -49,13 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from ..planner import plan
     from .common import machine_and_budget, summary_line
 
-    path = resolve_model(args.model)
-    d = describe(path)
+    from ..model_info import read_model_info
+
+    info = read_model_info(resolve_model(args.model))
+    d = describe(info)
     args.vram = args.ram = None
     try:
-        from ..model_info import read_model_info
-
-        info = read_model_info(path)
         _, budget = machine_and_budget(args)
         here = summary_line(info, plan(info, budget, min(4096, info.n_ctx_train)))
     except UserError as e:

@@ -155,7 +155,7 @@ def _prompt_text(info, messages, toolset) -> str:
     from ..tools.loop import protocol_messages
     from ..tools.mistral import render_text
 
-    if toolset is not None and "[AVAILABLE_TOOLS]" in _vocab_specials(info):
+    if toolset is not None and info.native_tools:
         return render_text(messages, toolset.specs())
     if toolset is not None:
         messages = protocol_messages(messages, toolset.specs())
@@ -163,13 +163,6 @@ def _prompt_text(info, messages, toolset) -> str:
         return render(info.chat_template, messages, bos=info.bos_text, eos=info.eos_text)
     except TemplateError as e:
         raise UserError(str(e)) from None
-
-
-def _vocab_specials(info) -> set[str]:
-    from ..gguf_header import read_header
-
-    kv, _ = read_header(info.path)
-    return {t for t in kv.get("tokenizer.ggml.tokens") or [] if t.startswith("[") and t.endswith("]")}
 
 
 def _with_tools(backend, messages, toolset, sampling, args) -> str:

@@ -162,12 +162,6 @@ class Store:
         self._touch(chat_id)
         return Message(cur.lastrowid, chat_id, role, content, stats, now, tool_calls, tool_call_id, name)
 
-    def update_message(self, message_id: int, content: str, stats: dict | None = None) -> None:
-        self.db.execute(
-            "UPDATE messages SET content = ?, stats = ? WHERE id = ?",
-            (content, json.dumps(stats) if stats else None, message_id),
-        )
-
     def delete_message(self, message_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 

@@ -1,3 +1,5 @@
 """localmix: run Mixtral-class Mixture-of-Experts models on one desktop (GPU + RAM + CPU)."""
 
-__version__ = "0.1.0"
+from quantize import __version__
+
+__all__ = ["__version__"]

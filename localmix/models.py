@@ -1,7 +1,10 @@
-"""The model store: GGUF files in the store folder (what `quantize` writes), listed and named.
+"""The model store: GGUF files in the store folder (what `quantize` writes and `pull` links), listed and
+named. A model's name is its file name without `.gguf`; a split GGUF (`NAME-00001-of-00003.gguf` ...)
+is one model named NAME, complete only when every part is there and checked (localmix.modelfile).
 
-A model's name is its file name without `.gguf`; a split GGUF (`NAME-00001-of-00003.gguf`) is one model
-named NAME. MODEL arguments accept a path, a store name, or a unique prefix of one."""
+MODEL arguments accept a path, a store name, a unique prefix of one, or a hub REPO[:QUANT] already
+pulled. This module asks nobody anything: a REPO[:QUANT] that is not in the store is a NotInStore error,
+which a command may answer by offering to pull it."""
 
 from __future__ import annotations
 
@@ -9,80 +12,92 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import LocalmixError, ModelFileError, NotInStore
+from .modelfile import ModelFile, model_name, open_model_file, parse_split_name
 from .paths import models_dir
 
-SPLIT = re.compile(r"^(?P<name>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+REPO_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<quant>[\w.-]+))?$")
+DEFAULT_QUANT = "Q4_K_M"
 
 
 @dataclass
 class StoredModel:
     name: str
-    path: Path  # the file llama.cpp opens (the first part of a split model)
-    parts: list[Path]
+    files: list[Path]  # what is in the folder under this name (all parts of a split model)
+    model: ModelFile | None  # None when the files are damaged or incomplete
+    error: str | None = None
+
+    @property
+    def path(self) -> Path:
+        """The file llama.cpp opens (part 1 of a split model)."""
+        return self.model.path if self.model else self.files[0]
 
     @property
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.parts)
+        return sum(p.stat().st_size for p in self.files if p.exists())
 
 
 def stored_models(folder: Path | None = None) -> list[StoredModel]:
+    """Every model in the store, each opened and checked; a damaged or incomplete one carries its error."""
     folder = folder or models_dir()
-    splits: dict[str, list[Path]] = {}
-    out = []
+    groups: dict[str, list[Path]] = {}
     for p in sorted(folder.glob("*.gguf")):
-        m = SPLIT.match(p.name)
-        if m:
-            splits.setdefault(m.group("name"), []).append(p)
-        else:
-            out.append(StoredModel(p.name.removesuffix(".gguf"), p, [p]))
-    for name, parts in splits.items():
-        parts.sort()
-        out.append(StoredModel(name, parts[0], parts))
+        groups.setdefault(model_name(p), []).append(p)
+    out = []
+    for name, files in groups.items():
+        singles = [p for p in files if not parse_split_name(p.name)]
+        for p in singles:  # NAME.gguf beside NAME-0000x-of-0000y.gguf: two models of one name
+            out.append(_open(name, [p]))
+        if len(singles) < len(files):
+            out.append(_open(name, [p for p in files if parse_split_name(p.name)]))
     return sorted(out, key=lambda m: m.name.lower())
 
 
+def _open(name: str, files: list[Path]) -> StoredModel:
+    try:
+        return StoredModel(name, files, open_model_file(files[0]))
+    except ModelFileError as e:
+        return StoredModel(name, files, None, str(e).removeprefix(f"{files[0]}: "))
+
+
+def pulled_names(repo: str, quant: str) -> tuple[str, ...]:
+    """The store names `pull REPO QUANT` gives (or gave, before names were shortened)."""
+    name = re.sub(r"(?i)-gguf$", "", repo.split("/")[-1])
+    if quant.lower().endswith(".gguf"):
+        return (model_name(Path(quant.split("/")[-1])),)
+    return f"{name}-{quant.upper()}", f"{repo.replace('/', '--')}-{quant.upper()}"
+
+
+def find(name: str, models: list[StoredModel] | None = None) -> StoredModel | None:
+    """The complete stored model called `name` (any case), or None."""
+    models = stored_models() if models is None else models
+    return next((m for m in models if m.name.lower() == name.lower() and m.model is not None), None)
+
+
 def resolve_model(spec: str) -> Path:
-    """A MODEL argument to a file: an existing path, a store name, a unique prefix of one, or a hub
-    REPO[:QUANT] (pulled when missing, after asking in a terminal)."""
+    """A MODEL argument to the file llama.cpp opens: an existing path, a store name or a unique prefix of
+    one, or a hub REPO[:QUANT] that is in the store (NotInStore otherwise)."""
     path = Path(spec).expanduser()
     if path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
         return path  # a path (a missing one is reported by whoever opens it)
-    if ":" in spec and not REPO_SPEC.match(spec):
+    repo = REPO_SPEC.match(spec)
+    if ":" in spec and not repo:
         return path
     models = stored_models()
-    exact = [m for m in models if m.name == spec or m.name.lower() == spec.lower()]
-    if exact:
-        return exact[0].path
-    prefix = [m for m in models if m.name.lower().startswith(spec.lower())]
-    if len(prefix) == 1:
-        return prefix[0].path
+    exact = [m for m in models if m.name.lower() == spec.lower()]
+    prefix = exact or [m for m in models if m.name.lower().startswith(spec.lower())]
     if len(prefix) > 1:
-        raise UserError(f"{spec!r} matches several models: {', '.join(m.name for m in prefix)}")
-    repo = REPO_SPEC.match(spec)
+        raise LocalmixError(f"{spec!r} matches several models: {', '.join(m.name for m in prefix)}")
+    if prefix:
+        m = prefix[0]
+        if m.model is None:
+            raise ModelFileError(f"{m.name}: {m.error}")
+        return m.path
     if repo:
-        return _pull_asking(repo.group("repo"), repo.group("quant") or "Q4_K_M")
+        quant = repo.group("quant") or DEFAULT_QUANT
+        for name in pulled_names(repo.group("repo"), quant):
+            if m := find(name, models):
+                return m.path
+        raise NotInStore(repo.group("repo"), quant)
     hint = f" (in the store: {', '.join(m.name for m in models)})" if models else " (the store is empty: localmix pull REPO)"
-    raise UserError(f"no model {spec!r}: not a file and not in the store{hint}")
-
-
-REPO_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<quant>[\w.-]+))?$")
-
-
-def _pull_asking(repo: str, quant: str) -> Path:
-    """REPO[:QUANT] given where a model is expected: the stored pull if there is one, else pull it
-    (after asking, in a terminal)."""
-    import sys
-
-    name = re.sub(r"(?i)-gguf$", "", repo.split("/")[-1])
-    for m in stored_models():
-        if m.name.lower() in (f"{name}-{quant}".lower(), f"{repo.replace('/', '--')}-{quant}".lower()):
-            return m.path
-    if not sys.stdin.isatty():
-        raise UserError(f"{repo}:{quant} is not in the store; fetch it with: localmix pull {repo} {quant}")
-    answer = input(f"{repo} ({quant}) is not in the store. Pull it now? [Y/n] ")
-    if answer.strip().lower() not in ("", "y", "yes"):
-        raise UserError("not pulled")
-    from .commands.pull import pull
-
-    return pull(repo, quant)
+    raise LocalmixError(f"no model {spec!r}: not a file and not in the store{hint}")

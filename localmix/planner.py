@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import DoesNotFit, LocalmixError
 from .model_info import ModelInfo, Tensor
-
-GiB = 1 << 30
-MiB = 1 << 20
+from .units import GiB, MiB
 
 # Bytes per element of the KV cache for each --kv-type (ggml block sizes: q8_0 34 bytes / 32, q4_0 18 / 32).
 KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -64,7 +62,7 @@ class Plan:
 
 def kv_cache_bytes(m: ModelInfo, ctx: int, kv_type: str, layers: int | None = None) -> int:
     if kv_type not in KV_TYPES:
-        raise UserError(f"unknown KV cache type {kv_type} (choose from {', '.join(KV_TYPES)})")
+        raise LocalmixError(f"unknown KV cache type {kv_type} (choose from {', '.join(KV_TYPES)})")
     layers = m.n_layer if layers is None else layers
     return int(2 * layers * ctx * m.n_head_kv * m.head_dim * KV_TYPES[kv_type])
 
@@ -90,7 +88,8 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
             if t.role == "expert":
                 cpu_expert_bytes += t.nbytes
         active_params += t.n_elements * share
-    split_layers = len({t.layer for t in m.tensors if t.role == "expert" and t.name not in gpu and t.layer < n_gpu_layers})
+    first = _layer_offset(m, n_gpu_layers)  # llama.cpp offloads the last n_gpu_layers layers
+    split_layers = len({t.layer for t in m.tensors if t.role == "expert" and t.name not in gpu and t.layer >= first})
     t_decode = (
         (gpu_bytes / b.gpu_bandwidth if gpu_bytes else 0.0)
         + cpu_bytes / b.cpu_bandwidth
@@ -162,7 +161,7 @@ def n_cpu_moe(m: ModelInfo, b: Budget, n: int, ctx: int, kv_type: str = "f16", u
 def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int = 512) -> Plan:
     """The placement that puts the most bytes read per token on the GPU within the budgets."""
     if ctx <= 0:
-        raise UserError("context length must be positive")
+        raise LocalmixError("context length must be positive")
     n_gpu_layers, gpu = 0, set()
     if b.vram > 0:
         # Every layer's dense part on the GPU if it fits, else as many of the last layers as fit.
@@ -189,7 +188,7 @@ def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int = 
                 left -= t.nbytes
     p = _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, "auto")
     if p.ram_total > b.ram:
-        raise UserError(_no_fit_message(m, b, ctx, kv_type, p))
+        raise DoesNotFit(_no_fit_message(m, b, ctx, kv_type, p))
     return p
 
 

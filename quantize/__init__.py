@@ -1,5 +1,11 @@
-"""Hugging Face checkpoint to GGUF in one streaming pass, with llama.cpp's own kernels."""
+"""Hugging Face checkpoint to GGUF in one streaming pass, with llama.cpp's own kernels. This package never
+imports the runtime (localmix/)."""
 
-from localmix import __version__  # one distribution, one version
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one distribution (localmix), one version, read from its metadata
+    __version__ = version("localmix")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["__version__"]

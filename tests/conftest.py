@@ -1,19 +1,14 @@
 """Session-wide fixtures: checkpoints are built once per test run (from offline artefacts, see
-fixtures.py) and converted once; tests share the results read-only."""
+support/checkpoints.py) and converted once; tests share the results read-only. Helpers that tests
+import live in tests/support/."""
 
 from __future__ import annotations
 
-import ctypes
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from fixtures import make_tiny_mixtral, make_upcycled_smollm  # noqa: E402
+from tests.support.checkpoints import make_tiny_mixtral, make_upcycled_smollm
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +18,11 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LOCALMIX_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
 
 
 @pytest.fixture(scope="session")
@@ -69,20 +69,21 @@ def upcycled_gguf(upcycled, tmp_path_factory) -> Converted:
     return Converted(upcycled, tmp_path_factory.mktemp("gguf"))
 
 
-def llama_quantize(src: Path, dst: Path, ftype: int) -> None:
-    """llama.cpp's own llama-quantize (llama_model_quantize), the oracle for our recipe and bytes."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed with {rc}"
+@pytest.fixture(scope="session")
+def smol(upcycled_gguf) -> Path:
+    """The upcycled SmolLM2 at Q4_K_M: a real MoE model that answers questions."""
+    return upcycled_gguf("Q4_K_M")
 
 
-def run_cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    """Run `localmix ...` as a user would, in a child process."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "localmix", *args], capture_output=True, text=True, env=full_env, timeout=600, **kw
-    )
+@pytest.fixture(scope="session")
+def tiny_split(tiny_gguf, tmp_path_factory) -> list[Path]:
+    """The tiny Mixtral at Q4_K_M split in two by gguf-py's split writer, the cut inside layer 1's
+    experts: ffn_down_exps in part 1, ffn_gate_exps and ffn_up_exps in part 2."""
+    import gguf
+
+    from tests.support.ggufs import split_copy
+
+    src = tiny_gguf("Q4_K_M")
+    names = [t.name for t in gguf.GGUFReader(src).tensors]
+    folder = tmp_path_factory.mktemp("split")
+    return split_copy(src, folder / "tiny-mixtral-Q4_K_M.gguf", first_part_tensors=names.index("blk.1.ffn_gate_exps.weight"))

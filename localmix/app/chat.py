@@ -10,7 +10,7 @@ import queue
 import re
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -23,7 +23,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message as TMessage
 from textual.widgets import Footer, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
-from ..backends import Sampling
+from ..backends import Done, Sampling, Text, ToolCalls, ToolResult, Trimmed
+from ..reply import reply
 from ..store import Chat, Store
 from .screens import ConfirmScreen, HelpScreen, ModelPicker, RenameScreen, SettingsScreen
 
@@ -33,7 +34,22 @@ DEFAULT_SYSTEM = ""
 # cores that render are the cores that generate; Markdown rendering also holds the GIL).
 RENDER_HZ = 10
 UI_SHARE = 0.03
-_DONE, _ERROR = object(), object()
+
+
+@dataclass(frozen=True)
+class _Confirm:
+    """The generation thread asks whether a tool with side effects may run; it waits on `decided`."""
+
+    call: dict
+    answer: list
+    decided: threading.Event
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The generation thread stopped with an error."""
+
+    message: str
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
@@ -154,7 +170,7 @@ class ChatApp(App):
         Binding("ctrl+q", "quit", "Quit"),
     ]
 
-    def __init__(self, prepare: Callable, store: Store, model_label: str, *, ctx: int = 4096, system: str | None = None,
+    def __init__(self, prepare: Callable, store: Store, model_label: str, *, system: str | None = None,
                  demo: bool = False, exports: Path | None = None, choices: list[tuple[str, str]] | None = None,
                  toolset=None):
         """prepare(progress, path) -> (backend, {"split": "45%/55% CPU/GPU", "summary": one line on the
@@ -164,14 +180,14 @@ class ChatApp(App):
         super().__init__()
         self.choices = choices
         self.toolset = toolset  # localmix.tools.ToolSet: the model may call these
-        self.prepare, self.store, self.model_label, self.ctx = prepare, store, model_label, ctx
+        self.prepare, self.store, self.model_label = prepare, store, model_label
         self.default_system, self.demo, self.exports = system, demo, exports
         self.backend = None
         self.placement: dict = {}
         self.load_error: str | None = None
         self.chat: Chat | None = None
         self.generating = False
-        self._pieces: queue.Queue = queue.Queue()
+        self._events: queue.Queue = queue.Queue()
         self._reply: MessageView | None = None
         self._reply_text = self._pending = ""
         self._stream = None
@@ -217,7 +233,7 @@ class ChatApp(App):
         if path is None:
             self.exit(message="No model chosen.")
             return
-        self.model_label = Path(path).name.removesuffix(".gguf")
+        self.model_label = next(label for label, p in self.choices if p == path)
         self._start_load(path)
 
     def _start_load(self, path: str | None) -> None:
@@ -354,27 +370,11 @@ class ChatApp(App):
         self.mount_log(MessageView("user", text, m.id))
         self.generate()
 
-    def prompt_messages(self) -> tuple[list[dict], int]:
-        """System prompt plus as much recent history as fits the context with room for the reply;
-        returns (messages, number of old messages left out). The system prompt is never dropped."""
-        history = [m.as_prompt() for m in self.store.messages(self.chat.id)]
-        system = [{"role": "system", "content": self.chat.system}] if self.chat.system else []
-        budget = self.ctx - min(self.chat.max_tokens, self.ctx // 2)
-        dropped = 0
-        while len(history) > 1 and self.backend.count_tokens(system + history) > budget:
-            history.pop(0)
-            dropped += 1
-            while history and history[0]["role"] != "user" and len(history) > 1:
-                history.pop(0)
-                dropped += 1
-        return system + history, dropped
-
     def generate(self) -> None:
-        msgs, dropped = self.prompt_messages()
-        if dropped:
-            self.mount_log(Static(f"{dropped} earlier message(s) left out of the prompt: the conversation outgrew the "
-                                  f"{self.ctx}-token context.", classes="notice"))
+        """Reply to the conversation so far, in a thread; its events reach the UI through the queue."""
         c = self.chat
+        history = [m.as_prompt() for m in self.store.messages(c.id)]
+        msgs = ([{"role": "system", "content": c.system}] if c.system else []) + history
         sampling = Sampling(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
         self._reply = MessageView("assistant")
         self._reply_text = self._pending = ""
@@ -383,53 +383,37 @@ class ChatApp(App):
         self._stream = None
         self.generating = True
         self.update_status("writing...")
-        target = self._generate_with_tools if self.toolset is not None else self._generate
-        threading.Thread(target=target, args=(msgs, sampling), daemon=True).start()
+        threading.Thread(target=self._generate, args=(msgs, sampling), daemon=True).start()
 
-    def _generate_with_tools(self, msgs: list[dict], sampling: Sampling) -> None:
-        """The call-and-answer loop in the generation thread; calls, results and confirmations go
-        through the queue to the UI."""
-        from ..tools.loop import run_tools
-
-        def confirm(call: dict) -> bool:
-            answer, done = [], threading.Event()
-            self._pieces.put(("confirm", call, answer, done))
-            done.wait()
+    def _generate(self, msgs: list[dict], sampling: Sampling) -> None:
+        def confirm(call: dict) -> bool:  # asked in the UI; this thread waits for the answer
+            answer, decided = [], threading.Event()
+            self._events.put(_Confirm(call, answer, decided))
+            decided.wait()
             return bool(answer and answer[0])
 
         try:
-            run_tools(self.backend, msgs, self.toolset, sampling, confirm=confirm,
-                      on_text=self._pieces.put, on_calls=lambda calls: self._pieces.put(("calls", calls)),
-                      on_call=lambda call, result: self._pieces.put(("result", call, result)))
-            self._pieces.put((_DONE, None))
-        except Exception as e:  # a malformed call or the round limit: shown in the app
-            self._pieces.put((_ERROR, str(e) or type(e).__name__))
-
-    def _generate(self, msgs: list[dict], sampling: Sampling) -> None:
-        try:
-            for piece in self.backend.stream(msgs, sampling):
-                self._pieces.put(piece)
-            self._pieces.put((_DONE, None))
-        except Exception as e:  # shown in the app; the partial reply is kept
-            self._pieces.put((_ERROR, str(e) or type(e).__name__))
+            for event in reply(self.backend, msgs, sampling, toolset=self.toolset, confirm=confirm, fit=True):
+                self._events.put(event)
+        except Exception as e:  # noqa: BLE001 - shown in the app; the partial reply is kept
+            self._events.put(_Failed(str(e) or type(e).__name__))
 
     async def drain(self) -> None:
         if self._reply is None:
             return
         end = None
-        while True:
+        while end is None:
             try:
-                item = self._pieces.get_nowait()
+                event = self._events.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, tuple) and item[0] in (_DONE, _ERROR):
-                end = item
-                break
-            if isinstance(item, tuple):  # a tool event, in order with the text around it
-                await self._tool_event(*item)
-                continue
-            self._reply_text += item
-            self._pending += item
+            if isinstance(event, Text):
+                self._reply_text += event.text
+                self._pending += event.text
+            elif isinstance(event, (Done, _Failed)):
+                end = event
+            else:  # the rest comes in order with the text around it
+                await self._handle(event)
         now = time.perf_counter()
         if self._pending and (now >= self._render_due or end is not None):
             if self._stream is None and self._reply.is_mounted:
@@ -441,54 +425,56 @@ class ChatApp(App):
             self._ui_cpu = time.thread_time()
             self._render_due = now + min(1.0, max(1 / RENDER_HZ, spent / UI_SHARE))
         if end is not None:
-            await self._finish(*end)
+            await self._finish(end)
 
-    async def _tool_event(self, kind: str, *args) -> None:
-        if kind == "calls":  # the text streamed so far was the call itself: show calls instead
-            (calls,) = args
+    async def _handle(self, event) -> None:
+        log = self.query_one("#log", VerticalScroll)
+        if isinstance(event, Trimmed):
+            await log.mount(Static(f"{event.dropped} earlier message(s) left out of the prompt: the conversation "
+                                   f"outgrew the {self.backend.ctx}-token context.", classes="notice"), before=self._reply)
+        elif isinstance(event, ToolCalls):  # the text streamed so far was the call itself: show calls instead
             if self._stream is not None:
                 await self._stream.stop()
                 self._stream = None
             self._reply_text = self._pending = ""
             await self._reply.markdown.update("")
-            m = self.store.add_message(self.chat.id, "assistant", "", tool_calls=calls)
-            for c in calls:
+            m = self.store.add_message(self.chat.id, "assistant", "", tool_calls=event.calls)
+            for c in event.calls:
                 view = MessageView("tool", describe_call(c), m.id)
                 view.call_id = c["id"]
-                await self.query_one("#log", VerticalScroll).mount(view, before=self._reply)
-        elif kind == "result":
-            call, result = args
-            self.store.add_message(self.chat.id, "tool", result, tool_call_id=call["id"], name=call["name"])
+                await log.mount(view, before=self._reply)
+        elif isinstance(event, ToolResult):
+            call = event.call
+            self.store.add_message(self.chat.id, "tool", event.result, tool_call_id=call["id"], name=call["name"])
             for view in self.query(MessageView):
                 if getattr(view, "call_id", None) == call["id"]:
-                    await view.markdown.update(describe_call(call, result))
-        elif kind == "confirm":
-            call, answer, done = args
+                    await view.markdown.update(describe_call(call, event.result))
+        elif isinstance(event, _Confirm):
 
             def decided(ok: bool) -> None:
-                answer.append(ok)
-                done.set()
+                event.answer.append(ok)
+                event.decided.set()
 
-            self.push_screen(ConfirmScreen(f"The model wants to run {describe_call(call)}.\n"
-                                           f"{call['name']} has side effects. Run it?"), decided)
+            self.push_screen(ConfirmScreen(f"The model wants to run {describe_call(event.call)}.\n"
+                                           f"{event.call['name']} has side effects. Run it?"), decided)
 
-    async def _finish(self, kind, error: str | None) -> None:
+    async def _finish(self, end) -> None:
         view, text = self._reply, self._reply_text
         self._reply = None
         if self._stream is not None:
             await self._stream.stop()
         await view.markdown.update(for_display(text))  # one final full render, line breaks kept
         self.generating = False
-        stats = asdict(self.backend.stats) if kind is _DONE else None
-        self.last_stats = self.backend.stats if kind is _DONE else None
+        stats = end.stats if isinstance(end, Done) else None
+        self.last_stats = stats
         if text:
-            m = self.store.add_message(self.chat.id, "assistant", text, stats)
+            m = self.store.add_message(self.chat.id, "assistant", text, asdict(stats) if stats else None)
             view.message_id = m.id
         else:
             await view.remove()
-        if kind is _ERROR:
-            self.mount_log(Static(f"Error: {error}", classes="error"))
-        elif self.backend.stats.stop == "cancelled":
+        if isinstance(end, _Failed):
+            self.mount_log(Static(f"Error: {end.message}", classes="error"))
+        elif stats.stop == "cancelled":
             self.notify("Stopped; the reply so far is kept.")
         self.update_status()
 

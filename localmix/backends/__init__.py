@@ -1,14 +1,20 @@
-"""What `run`, `bench` and `chat` need from an inference engine: load with progress, stream a chat
-reply token by token, cancel, report speed. The UI sees only this interface; only
-backends/llama.py knows llama.cpp."""
+"""The interface between localmix and an inference engine, and the events a reply is made of.
+
+A backend loads a model, evaluates the tokens it is given and samples: it knows nothing of messages,
+chat templates or tools (localmix.prompt turns conversations into tokens; localmix.reply runs a turn).
+`run`, `bench`, `chat` and the tool loop use only this Protocol; backends/llama.py is the llama.cpp one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Union
+
+from ..model_info import ModelInfo
+from ..prompt import Tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stats:
     prompt_tokens: int = 0  # evaluated for this reply
     cached_tokens: int = 0  # reused from the conversation's KV cache
@@ -29,7 +35,7 @@ class Stats:
         return self.gen_tokens / self.gen_seconds if self.gen_seconds else 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     max_tokens: int = 512
     temperature: float = 0.7
@@ -37,21 +43,77 @@ class Sampling:
     seed: int | None = None
 
 
-class ContextFull(Exception):
-    """The prompt does not fit the context window."""
+@dataclass(frozen=True)
+class Speed:
+    """Measured tokens per second (bench)."""
+
+    prefill_tps: float
+    decode_tps: float
+
+
+# -- events ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Text:
+    """A piece of the reply, as it is generated."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of one generation, with its numbers (stats.stop says why it ended)."""
+
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    """`dropped` old messages were left out of the prompt to fit the context."""
+
+    dropped: int
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """The model asked for these calls ({"id", "name", "arguments"}); the text streamed since the last
+    event was the call itself."""
+
+    calls: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """One call ran (or was refused); `result` is what the model reads next."""
+
+    call: dict
+    result: str
+
+
+Event = Union[Text, Done, Trimmed, ToolCalls, ToolResult]
 
 
 class Backend(Protocol):
-    stats: Stats
+    info: ModelInfo  # the model (its prompt format included)
+    ctx: int  # the context window, in tokens
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
 
     def load(self, progress: Callable[[float], None] | None = None) -> None: ...
 
-    def render(self, messages: list[dict]) -> str: ...
+    def generate(self, tokens: list[int], sampling: Sampling, grammar: str | None = None) -> Iterator[Text | Done]:
+        """The reply to `tokens`, piece by piece, then one Done. `grammar`: GBNF the reply must follow.
+        ContextFull when the tokens leave no room."""
+        ...
 
-    def count_tokens(self, messages: list[dict]) -> int: ...
+    def measure(self, prompt_tokens: list[int], gen_tokens: int) -> Speed:
+        """Prefill `prompt_tokens` in one batch, then decode `gen_tokens` one at a time."""
+        ...
 
-    def stream(self, messages: list[dict], sampling: Sampling) -> Iterator[str]: ...
-
-    def cancel(self) -> None: ...
+    def cancel(self) -> None:
+        """Stop the reply being generated (from any thread); it ends with Done(stop="cancelled")."""
+        ...
 
     def close(self) -> None: ...

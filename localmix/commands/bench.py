@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import GiB, add_budget_arguments
+from ..units import GiB
+from .common import add_budget_arguments
 
 # Prompt text for the prefill measurement, repeated to the requested length.
 TEXT = (
@@ -26,87 +27,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="results as JSON")
 
 
-def configs(info, budget, args) -> list:
+def configs(info, budget, ctx: int, kv_type: str) -> list:
     """The auto plan and the whole-layer baselines that fit the same VRAM, without duplicates."""
     from dataclasses import replace
 
     from ..planner import n_cpu_moe, plan
 
-    out = [plan(info, budget, args.ctx, args.kv_type)]
+    out = [plan(info, budget, ctx, kv_type)]
     if budget.vram and info.is_moe:
-        for n in (info.n_layer,) + tuple(range(info.n_layer)):
-            p = n_cpu_moe(info, budget, n, args.ctx, args.kv_type)
+        for n in (info.n_layer, *range(info.n_layer)):
+            p = n_cpu_moe(info, budget, n, ctx, kv_type)
             if p is None:
                 continue
-            if n == info.n_layer:
-                p = replace(p, label="all experts on CPU")
-            out.append(p)
+            out.append(replace(p, label="all experts on CPU") if n == info.n_layer else p)
             if n != info.n_layer:
                 break  # the smallest N that fits is the best whole-layer split
     unique, seen = [], set()
     for p in out:
-        key = (p.gpu, p.n_gpu_layers)
-        if key not in seen:
-            seen.add(key)
+        if (p.gpu, p.n_gpu_layers) not in seen:
+            seen.add((p.gpu, p.n_gpu_layers))
             unique.append(p)
     return unique
 
 
-def measure(info, p, args, threads: int) -> dict:
-    """Load with placement p, prefill prompt-tokens, decode gen-tokens one by one; llama.cpp's own timers."""
-    import llama_cpp
-
-    from ..backends.llama import LlamaBackend
-
-    b = LlamaBackend(info, p, ctx=args.ctx, kv_type=args.kv_type, threads=threads)
-    b.load()
-    llm = b.llm
-    try:
-        base = llm.tokenize(TEXT.encode(), add_bos=False)
-        n_prompt = min(args.prompt_tokens, args.ctx - args.gen_tokens - 1)
-        tokens = (base * (n_prompt // len(base) + 1))[:n_prompt]
-        ctx = llm._ctx.ctx
-        llama_cpp.llama_perf_context_reset(ctx)
-        llm.reset()
-        llm.eval(tokens)
-        llama_cpp.llama_synchronize(ctx)  # the timers are updated when queued work is waited for
-        perf = llama_cpp.llama_perf_context(ctx)
-        prefill = perf.n_p_eval / (perf.t_p_eval_ms / 1000)
-        llama_cpp.llama_perf_context_reset(ctx)
-        for i in range(args.gen_tokens):  # one token at a time, as decode runs (which token is immaterial)
-            llm.eval([base[i % len(base)]])
-            llama_cpp.llama_synchronize(ctx)  # as sampling would; llama.cpp counts unsynced tokens as prompt
-        perf = llama_cpp.llama_perf_context(ctx)
-        decode = perf.n_eval / (perf.t_eval_ms / 1000)
-    finally:
-        b.close()
-    return {"prefill_tps": prefill, "decode_tps": decode}
+def prompt_tokens(tokenizer, n: int) -> list[int]:
+    """n tokens of TEXT, repeated as needed."""
+    base = tokenizer.tokenize(TEXT, special=False)
+    return (base * (n // len(base) + 1))[:n]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model_info import read_model_info
-    from ..models import resolve_model
-    from .common import machine_and_budget
+    from dataclasses import replace
 
-    info = read_model_info(resolve_model(args.model))
-    hw, budget = machine_and_budget(args)
+    from ..errors import LocalmixError
+    from ..loader import load
+    from .common import planned
+
+    if args.prompt_tokens <= 0 or args.gen_tokens <= 0:
+        raise LocalmixError("--prompt-tokens and --gen-tokens must be positive")
+    p = planned(args)
+    info, hw, budget = p.info, p.hardware, p.budget
+    n_prompt = min(args.prompt_tokens, p.ctx - args.gen_tokens - 1)
+    if n_prompt < 1:
+        raise LocalmixError(f"--ctx {p.ctx} leaves no room for a prompt beside --gen-tokens {args.gen_tokens}")
     rows = []
-    for p in configs(info, budget, args):
-        got = measure(info, p, args, args.threads or hw.cores)
+    for plan in configs(info, budget, p.ctx, p.kv_type):
+        backend = load(replace(p, plan=plan), threads=args.threads)
+        try:
+            got = backend.measure(prompt_tokens(backend.tokenizer, n_prompt), args.gen_tokens)
+        finally:
+            backend.close()
         rows.append({
-            "config": p.label, "gpu_gib": p.vram_total / GiB, "n_gpu_layers": p.n_gpu_layers,
-            "cpu_expert_tensors": len([t for t in info.tensors if t.role == "expert" and t.name not in p.gpu]),
-            "decode_predicted": p.decode_tps, "decode_measured": got["decode_tps"],
-            "prefill_predicted": p.prefill_tps, "prefill_measured": got["prefill_tps"],
+            "config": plan.label, "gpu_gib": plan.vram_total / GiB, "n_gpu_layers": plan.n_gpu_layers,
+            "cpu_expert_tensors": len([t for t in info.tensors if t.role == "expert" and t.name not in plan.gpu]),
+            "decode_predicted": plan.decode_tps, "decode_measured": got.decode_tps,
+            "prefill_predicted": plan.prefill_tps, "prefill_measured": got.prefill_tps,
         })
     if args.json:
-        print(json.dumps({"model": info.path, "vram_budget": budget.vram, "ctx": args.ctx, "results": rows}, indent=1))
+        print(json.dumps({"model": info.path, "vram_budget": budget.vram, "ctx": p.ctx, "results": rows}, indent=1))
         return 0
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{info.name} {info.file_type} · VRAM budget {budget.vram / GiB:.1f} GiB · {hw.cores} cores", title_justify="left")
+    t = Table(title=f"{escape(info.name)} {escape(info.file_type)} · VRAM budget {budget.vram / GiB:.1f} GiB · {hw.cores} cores",
+              title_justify="left")
     for col in ("config", "GPU GiB", "decode tok/s", "predicted", "error", "prefill tok/s", "predicted"):
         t.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:

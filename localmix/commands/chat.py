@@ -1,6 +1,7 @@
 """`localmix chat [MODEL] [--vram] [--ctx] [--system]`: the terminal chat app. With no MODEL it opens the
 only model in the store, lets you pick when there are several, and builds the demo model when there
-are none."""
+are none. This module puts the app together: the store of chats, and a `prepare` that reads, plans and
+loads the model (in the app's loading thread) and describes the plan in words."""
 
 from __future__ import annotations
 
@@ -20,59 +21,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def store_models() -> list:
-    """The store's models (their first files), most recently changed first; the demo is not one."""
+    """The store's complete models (their first files), most recently changed first; the demo is not one."""
     from ..demo import DEMO_FILE
     from ..models import stored_models
 
-    paths = [m.path for m in stored_models() if m.path.name != DEMO_FILE]
+    paths = [m.path for m in stored_models() if m.model is not None and m.path.name != DEMO_FILE]
     return sorted(paths, key=lambda p: -p.stat().st_mtime)
 
 
-def make_prepare(args: argparse.Namespace, default_model):
-    """The app's loader: (progress, path) -> (backend, {"split", "summary"}), run in the app's loading thread.
-    No path and no default model: the demo, built on first use."""
+def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int = 4096, kv_type: str = "f16",
+                 threads: int | None = None, default_model=None):
+    """The app's loader: (progress, path) -> (backend, {"split", "summary"}), run in the app's loading
+    thread. No path and no default model: the demo, built on first use."""
 
     def prepare(progress, path=None):
         from pathlib import Path
 
-        from ..backends.llama import LlamaBackend
         from ..demo import ensure_demo
-        from ..model_info import read_model_info
-        from ..planner import plan
-        from .common import machine_and_budget, split_label, summary_line
+        from ..describe import split_label, summary_line
+        from ..loader import load
+        from ..loader import prepare as read_and_plan
 
         path = path or default_model or ensure_demo(lambda f: progress(f, "Building the demo model (first run only)"))
-        info = read_model_info(path)
-        hw, budget = machine_and_budget(args)
-        p = plan(info, budget, args.ctx, args.kv_type)
-        backend = LlamaBackend(info, p, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads or hw.cores)
-        backend.load(lambda f: progress(f, f"Loading {Path(path).name}"))
-        return backend, {"split": split_label(p), "summary": summary_line(info, p)}
+        p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type)
+        backend = load(p, threads=threads, progress=lambda f: progress(f, f"Loading {Path(path).name}"))
+        return backend, {"split": split_label(p.plan), "summary": summary_line(p.info, p.plan)}
 
     return prepare
 
 
 def run(args: argparse.Namespace) -> int:
-
     from ..app.chat import ChatApp
     from ..demo import DEMO_FILE
+    from ..modelfile import model_name
     from ..paths import home
     from ..store import Store, default_path
+    from .common import open_model
 
-    from ..models import resolve_model
+    models = [open_model(args.model)] if args.model else store_models()
+    if args.measure:
+        from ..hardware import detect
 
-    models = [resolve_model(args.model)] if args.model else store_models()
+        detect(measure=True)
     demo = not models
-    prepare = make_prepare(args, models[0] if models else None)
-    label = DEMO_FILE.removesuffix(".gguf") if demo else models[0].name.removesuffix(".gguf")
-    choices = [(m.name, str(m)) for m in models] if len(models) > 1 else None
+    prepare = make_prepare(vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads,
+                           default_model=models[0] if models else None)
+    label = DEMO_FILE.removesuffix(".gguf") if demo else model_name(models[0])
+    choices = [(model_name(m), str(m)) for m in models] if len(models) > 1 else None
     toolset = None
     if args.tools is not None:
         from ..tools import load_tools
 
         toolset = load_tools(args.tools)
     store = Store(default_path())
-    app = ChatApp(prepare, store, label, ctx=args.ctx, system=args.system, demo=demo, exports=home() / "exports",
+    app = ChatApp(prepare, store, label, system=args.system, demo=demo, exports=home() / "exports",
                   choices=choices, toolset=toolset)
     try:
         app.run()

@@ -7,7 +7,8 @@ import argparse
 import json
 import shlex
 
-from .common import GiB, add_budget_arguments
+from ..units import GiB
+from .common import add_budget_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,63 +19,84 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--llama-args", action="store_true", help="print the equivalent llama.cpp flags (-ngl, -ot)")
 
 
-def plan_json(info, hw, budget, p, args) -> dict:
+def plan_json(p) -> dict:
+    """The plan as data (keys in the README)."""
+    from ..describe import attention_on_gpu
     from ..planner import llama_args
 
+    info, hw, budget, plan = p.info, p.hardware, p.budget, p.plan
     layers = []
-    first_gpu = info.n_layer - p.n_gpu_layers
     for layer in range(info.n_layer):
-        experts = {t.name.split(".")[2].removeprefix("ffn_").removesuffix("_exps"): ("gpu" if t.name in p.gpu else "cpu")
+        experts = {t.expert_kind: ("gpu" if t.name in plan.gpu else "cpu")
                    for t in info.tensors if t.layer == layer and t.role == "expert"}
-        layers.append({"layer": layer, "attention": "gpu" if layer >= first_gpu else "cpu", "experts": experts})
+        layers.append({"layer": layer, "attention": "gpu" if attention_on_gpu(info, plan, layer) else "cpu", "experts": experts})
     return {
-        "model": {"path": info.path, "name": info.name, "type": info.file_type, "bytes": info.weight_bytes,
-                  "layers": info.n_layer, "experts": info.n_expert, "experts_used": info.n_expert_used},
+        "model": {"path": info.path, "parts": [str(x) for x in p.model.parts], "name": info.name, "type": info.file_type,
+                  "bytes": info.weight_bytes, "tensors": len(info.tensors), "layers": info.n_layer,
+                  "experts": info.n_expert, "experts_used": info.n_expert_used},
         "machine": {"gpus": [g.__dict__ for g in hw.gpus], "ram_total": hw.ram_total, "ram_available": hw.ram_available,
-                    "cores": hw.cores, "cpu_decode_bandwidth": hw.cpu_decode_bandwidth},
+                    "cores": hw.cores, "cpu_decode_bandwidth": hw.cpu_decode_bandwidth,
+                    "read_bandwidth": hw.read_bandwidth, "bandwidth_probes": hw.probes, "bandwidth_measured": hw.measured},
         "budget": {"vram": budget.vram, "ram": budget.ram},
-        "ctx": args.ctx,
-        "kv_type": args.kv_type,
-        "n_gpu_layers": p.n_gpu_layers,
-        "vram": p.vram,
-        "ram": p.ram,
-        "predicted": {"decode_tps": p.decode_tps, "prefill_tps": p.prefill_tps},
+        "ctx": p.ctx,
+        "kv_type": p.kv_type,
+        "n_gpu_layers": plan.n_gpu_layers,
+        "vram": plan.vram,
+        "ram": plan.ram,
+        "predicted": {"decode_tps": plan.decode_tps, "prefill_tps": plan.prefill_tps},
         "layers": layers,
-        "cpu_experts": list(p.cpu_experts),
-        "llama_args": llama_args(info, p),
+        "tensors": [{"name": t.name, "part": t.part, "bytes": t.nbytes, "type": t.type,
+                     "device": "gpu" if t.name in plan.gpu else "cpu"} for t in info.tensors],
+        "cpu_experts": list(plan.cpu_experts),
+        "llama_args": llama_args(info, plan),
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..planner import llama_args
-    from .common import layer_rows, load_plan
+def measured_line(hw) -> str:
+    """'CPU memory 39 GB/s (best of 3 probes, measured 2026-11-28 12:03)'."""
+    import time
 
-    info, hw, budget, p = load_plan(args)
+    if not hw.probes:
+        return "CPU memory not measured"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(hw.measured))
+    return f"CPU memory {hw.cpu_decode_bandwidth / 1e9:.0f} GB/s (best of {hw.probes} probes, measured {when}; --measure to measure again)"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..describe import layer_rows
+    from ..planner import llama_args
+    from .common import planned
+
+    p = planned(args)
+    info, hw, budget, plan = p.info, p.hardware, p.budget, p.plan
     if args.json:
-        print(json.dumps(plan_json(info, hw, budget, p, args), indent=1))
+        print(json.dumps(plan_json(p), indent=1))
         return 0
     if args.llama_args:
-        print(shlex.join(llama_args(info, p)))
+        print(shlex.join(llama_args(info, plan)))
         return 0
-
-    from rich.console import Console
-    from rich.table import Table
 
     con = Console()
     moe = f"{info.n_expert} experts, top-{info.n_expert_used}" if info.is_moe else "dense"
-    con.print(f"[bold]{info.name}[/] {info.file_type} · {info.weight_bytes / GiB:.1f} GiB · {info.n_layer} layers · {moe}")
-    gpu = ", ".join(f"{g.name} ({g.free / GiB:.1f} of {g.total / GiB:.1f} GiB free)" for g in hw.gpus) or "no GPU"
+    parts = f" · {len(p.model.parts)} files" if len(p.model.parts) > 1 else ""
+    con.print(f"[bold]{escape(info.name)}[/] {escape(info.file_type)} · {info.weight_bytes / GiB:.1f} GiB{parts} · "
+              f"{info.n_layer} layers · {moe}")
+    gpu = ", ".join(f"{escape(g.name)} ({g.free / GiB:.1f} of {g.total / GiB:.1f} GiB free)" for g in hw.gpus) or "no GPU"
     con.print(f"Machine: {gpu} · RAM {hw.ram_available / GiB:.1f} of {hw.ram_total / GiB:.1f} GiB free · "
-              f"{hw.cores} cores · CPU memory {hw.cpu_decode_bandwidth / 1e9:.0f} GB/s")
-    con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB · context {args.ctx} ({args.kv_type} KV cache)")
+              f"{hw.cores} cores · {measured_line(hw)}")
+    con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB · context {p.ctx} ({p.kv_type} KV cache)")
 
     t = Table(title="Placement", title_justify="left")
     t.add_column("layers")
     t.add_column("attention")
     t.add_column("experts")
-    for row in layer_rows(info, p):
+    for row in layer_rows(info, plan):
         t.add_row(*row)
-    t.add_row("output", "GPU" if p.n_gpu_layers == info.n_layer else "CPU", "")
+    t.add_row("output", "GPU" if plan.n_gpu_layers == info.n_layer else "CPU", "")
     t.add_row("token embeddings", "CPU", "")
     con.print(t)
 
@@ -83,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     m.add_column("GPU", justify="right")
     m.add_column("CPU", justify="right")
     for key, label in (("weights", "weights"), ("kv_cache", "KV cache"), ("compute", "compute buffers"), ("reserve", "reserve")):
-        m.add_row(label, f"{p.vram.get(key, 0) / GiB:.2f} GiB", f"{p.ram[key] / GiB:.2f} GiB" if key in p.ram else "")
-    m.add_row("[bold]total", f"[bold]{p.vram_total / GiB:.2f} GiB", f"[bold]{p.ram_total / GiB:.2f} GiB")
+        m.add_row(label, f"{plan.vram.get(key, 0) / GiB:.2f} GiB", f"{plan.ram[key] / GiB:.2f} GiB" if key in plan.ram else "")
+    m.add_row("[bold]total", f"[bold]{plan.vram_total / GiB:.2f} GiB", f"[bold]{plan.ram_total / GiB:.2f} GiB")
     con.print(m)
-    con.print(f"Predicted: decode [bold]{p.decode_tps:.1f}[/] tok/s, prefill {p.prefill_tps:.0f} tok/s")
+    con.print(f"Predicted: decode [bold]{plan.decode_tps:.1f}[/] tok/s, prefill {plan.prefill_tps:.0f} tok/s")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import parse_size
+from .common import size
 
 TYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16")  # quantize.recipe.OUT_TYPES
 
@@ -18,21 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when SRC is a repo id")
     p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
-    p.add_argument("--vram", type=parse_size, metavar="SIZE", help="for the closing plan summary: GPU memory to plan for")
-    p.add_argument("--ram", type=parse_size, metavar="SIZE", help="for the closing plan summary: RAM to plan for")
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def _fmt_time(s: float) -> str:
-    m, s = divmod(s, 60)
-    return f"{int(m)}m {s:04.1f}s" if m else f"{s:.1f}s"
+    p.add_argument("--vram", type=size, metavar="SIZE", help="for the closing plan summary: GPU memory to plan for")
+    p.add_argument("--ram", type=size, metavar="SIZE", help="for the closing plan summary: RAM to plan for")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
+    from rich.markup import escape
     from rich.table import Table
 
     from quantize.convert import convert, default_name
     from quantize.hub import resolve
 
     from ..paths import models_dir
+    from ..units import fmt_bytes, fmt_duration
 
     err = Console(stderr=True)
     folder, source = resolve(args.src, args.revision)
@@ -97,29 +86,22 @@ def run(args: argparse.Namespace) -> int:
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    table.add_row("size", f"{_fmt_bytes(s.file_bytes)} ({s.bits_per_weight:.2f} bits per weight)")
+    table.add_row("size", f"{fmt_bytes(s.file_bytes)} ({s.bits_per_weight:.2f} bits per weight)")
     kind = f"{hp.n_expert} experts, top-{hp.n_expert_used}" if hp.is_moe else "dense"
     table.add_row("model", f"{hp.arch}, {s.n_params / 1e9:.2f} B parameters, {hp.n_layer} layers, {kind}")
     table.add_row("tensors", ", ".join(f"{t} {n}" for t, n in sorted(s.types.items(), key=lambda kv: -kv[1])))
-    table.add_row("time", _fmt_time(s.seconds))
-    table.add_row("peak memory", _fmt_bytes(s.peak_rss))
-    con.print(f"[bold green]Wrote[/] {s.path}", soft_wrap=True)  # whole, for copy-paste
+    table.add_row("time", fmt_duration(s.seconds))
+    table.add_row("peak memory", fmt_bytes(s.peak_rss))
+    con.print(f"[bold green]Wrote[/] {escape(str(s.path))}", soft_wrap=True)  # whole, for copy-paste
     con.print(table)
-    con.print(_plan_summary(s.path, args))
+    con.print(_plan_summary(s.path, args), markup=False)
     return 0
 
 
 def _plan_summary(path: Path, args: argparse.Namespace) -> str:
     """How the new file would run here (or on the machine --vram/--ram describe)."""
-    from ..errors import UserError
+    from ..loader import summary_here
     from ..model_info import read_model_info
-    from ..planner import plan
-    from .common import machine_and_budget, summary_line
 
-    info = read_model_info(path)
-    _, budget = machine_and_budget(args)
     where = "the given budget" if args.vram is not None or args.ram is not None else "this machine"
-    try:
-        return f"On {where} (context 4096): {summary_line(info, plan(info, budget, 4096))}"
-    except UserError as e:
-        return f"On {where}: {e}"
+    return f"On {where} (context 4096): {summary_here(read_model_info(path), args.vram, args.ram)}"

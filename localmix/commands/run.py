@@ -1,11 +1,15 @@
 """`localmix run MODEL PROMPT`: one reply, streamed to stdout as plain text (nothing else on stdout, so
-it pipes). `--print-prompt` shows the exact prompt the model's template makes; `--verbose` adds the plan
-and timings on stderr, like `ollama run --verbose`."""
+it pipes). With --json or --json-schema the reply is printed only once it is whole and valid. With
+--tools the calls and their results go to stderr and the final answer to stdout. `--print-prompt` shows
+the prompt as the model will read it; `--verbose` adds the plan and timings on stderr, like
+`ollama run --verbose`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 from .common import add_budget_arguments
 
@@ -28,99 +32,112 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-choice", default="auto", metavar="auto|required|NAME",
                    help="with --tools: let the model decide (auto), or force a call (required, or of tool NAME)")
     p.add_argument("--yes", action="store_true", help="with --tools: run tools that have side effects without asking")
-    p.add_argument("--print-prompt", action="store_true", help="print the rendered prompt and exit")
+    p.add_argument("--print-prompt", action="store_true", help="print the prompt as the model will read it, and exit")
     p.add_argument("--verbose", action="store_true", help="plan and timings on stderr")
 
 
-def _messages(args) -> list[dict]:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    msgs = [{"role": "system", "content": args.system}] if args.system else []
-    return msgs + [{"role": "user", "content": prompt}]
+def messages(system: str | None, prompt: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
+    from ..backends import Done, Sampling, Text, ToolCalls, ToolResult
+    from ..describe import summary_line
+    from ..errors import LocalmixError
+    from ..loader import load
+    from ..reply import reply
+    from .common import open_model, planned
 
-    from ..backends import ContextFull, Sampling
-    from ..chat_template import TemplateError
-    from ..errors import UserError
-    from ..model_info import read_model_info
-    from .common import load_plan, summary_line
-
-    messages = _messages(args)
-    toolset = _toolset(args)
-    schema = _schema(args)
+    toolset, schema = _toolset(args), _schema(args)
+    msgs = messages(args.system, sys.stdin.read() if args.prompt == "-" else args.prompt)
     if args.print_prompt:
-        from ..models import resolve_model
-
-        info = read_model_info(resolve_model(args.model))
-        sys.stdout.write(_prompt_text(info, messages, toolset))
+        sys.stdout.write(_prompt_text(open_model(args.model), msgs, toolset))
         return 0
-
-    from ..backends.llama import LlamaBackend
+    if args.max_tokens <= 0:
+        raise LocalmixError("--max-tokens must be positive")
 
     t0 = time.perf_counter()
-    info, hw, budget, plan = load_plan(args)
+    p = planned(args)
     if args.verbose:
-        print(f"plan: {summary_line(info, plan)}", file=sys.stderr)
-    backend = LlamaBackend(info, plan, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads or hw.cores)
-    try:
-        backend.load()
-    except (ValueError, RuntimeError) as e:  # llama-cpp-python's way of saying the load failed
-        raise UserError(f"llama.cpp could not load {args.model}: {e}") from None
+        print(f"plan: {summary_line(p.info, p.plan)}", file=sys.stderr)
+    backend = load(p, threads=args.threads)
     t_load = time.perf_counter() - t0
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    grammar = None
+    if schema is not None:
+        from ..tools.grammar import grammar_for
+
+        grammar = grammar_for(schema)
+    # Printed as it comes, except what must be whole first: constrained JSON (validated before it is
+    # printed) and each round of a tool conversation (a round may turn out to be a call).
+    hold = schema is not None or toolset is not None
+    pieces, stats = [], None
     try:
-        if toolset is not None:
-            sys.stdout.write(_with_tools(backend, messages, toolset, sampling, args))
-        else:
-            grammar = None
-            if schema is not None:
-                from ..tools.grammar import grammar_for
-
-                grammar = grammar_for(schema)
-            pieces = []
-            for piece in backend.stream(messages, sampling, grammar=grammar):
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            if schema is not None:
-                from ..tools.grammar import validate
-
-                validate("".join(pieces), schema)
-    except (ContextFull, TemplateError) as e:
-        raise UserError(str(e)) from None
+        for event in reply(backend, msgs, sampling, toolset=toolset, choice=args.tool_choice, grammar=grammar,
+                           confirm=lambda call: _confirm(call, args.yes)):
+            if isinstance(event, Text):
+                pieces.append(event.text)
+                if not hold:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            elif isinstance(event, ToolCalls):
+                pieces = []  # what came before was the call
+            elif isinstance(event, ToolResult):
+                call = event.call
+                print(f"tool: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {event.result}",
+                      file=sys.stderr)
+            elif isinstance(event, Done):
+                stats = event.stats
     except KeyboardInterrupt:
         backend.cancel()
         raise
     finally:
         backend.close()
+    text = "".join(pieces)
+    if schema is not None:
+        from ..tools.grammar import validate
+
+        validate(text, schema)
+    if hold:
+        sys.stdout.write(text)
     sys.stdout.write("\n")
-    if args.verbose:
-        s = backend.stats
-        total = time.perf_counter() - t0
-        print(
-            f"total duration:       {total:.2f}s\n"
-            f"load duration:        {t_load:.2f}s\n"
-            f"prompt eval count:    {s.prompt_tokens} token(s) ({s.cached_tokens} cached)\n"
-            f"prompt eval duration: {s.prompt_seconds:.3f}s\n"
-            f"prompt eval rate:     {s.prompt_tps:.2f} tokens/s\n"
-            f"eval count:           {s.gen_tokens} token(s)\n"
-            f"eval duration:        {s.gen_seconds:.3f}s\n"
-            f"eval rate:            {s.gen_tps:.2f} tokens/s (predicted {plan.decode_tps:.2f})\n"
-            f"time to first token:  {s.ttft:.3f}s\n"
-            f"context:              {s.ctx_used} of {s.ctx_total} tokens",
-            file=sys.stderr,
-        )
+    if args.verbose and stats is not None:
+        _print_timings(stats, time.perf_counter() - t0, t_load, p.plan.decode_tps)
     return 0
 
 
+def _print_timings(s, total: float, t_load: float, predicted: float) -> None:
+    print(
+        f"total duration:       {total:.2f}s\n"
+        f"load duration:        {t_load:.2f}s\n"
+        f"prompt eval count:    {s.prompt_tokens} token(s) ({s.cached_tokens} cached)\n"
+        f"prompt eval duration: {s.prompt_seconds:.3f}s\n"
+        f"prompt eval rate:     {s.prompt_tps:.2f} tokens/s\n"
+        f"eval count:           {s.gen_tokens} token(s)\n"
+        f"eval duration:        {s.gen_seconds:.3f}s\n"
+        f"eval rate:            {s.gen_tps:.2f} tokens/s (predicted {predicted:.2f})\n"
+        f"time to first token:  {s.ttft:.3f}s\n"
+        f"context:              {s.ctx_used} of {s.ctx_total} tokens",
+        file=sys.stderr,
+    )
+
+
+def _confirm(call: dict, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"refused {call['name']}: it has side effects (pass --yes to allow)", file=sys.stderr)
+        return False
+    answer = input(f"Run {call['name']}({json.dumps(call['arguments'])})? It has side effects. [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
 def _toolset(args):
+    from ..errors import LocalmixError
+
     if args.tools is None:
         if args.tool_choice != "auto":
-            from ..errors import UserError
-
-            raise UserError("--tool-choice needs --tools")
+            raise LocalmixError("--tool-choice needs --tools")
         return None
     from ..tools import load_tools
 
@@ -128,9 +145,7 @@ def _toolset(args):
 
 
 def _schema(args):
-    import json
-
-    from ..errors import UserError
+    from ..errors import LocalmixError
     from ..tools.grammar import ANY_JSON_OBJECT, check_schema
 
     if args.json:
@@ -141,50 +156,24 @@ def _schema(args):
         with open(args.json_schema, encoding="utf-8") as f:
             schema = json.load(f)
     except OSError as e:
-        raise UserError(f"--json-schema {args.json_schema}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--json-schema {args.json_schema}: not JSON ({e.msg}, line {e.lineno})") from None
+        raise LocalmixError(f"--json-schema {args.json_schema}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocalmixError(f"--json-schema {args.json_schema}: not JSON ({e})") from None
     check_schema(schema)
     return schema
 
 
-def _prompt_text(info, messages, toolset) -> str:
-    """The prompt as the model will see it, without loading the model."""
-    from ..chat_template import TemplateError, render
-    from ..errors import UserError
-    from ..tools.loop import protocol_messages
-    from ..tools.mistral import render_text
+def _prompt_text(path, msgs: list[dict], toolset) -> str:
+    """The text of the tokens the model will evaluate, read from its vocabulary (no weights loaded)."""
+    from .. import prompt
+    from ..loader import vocabulary
+    from ..model_info import model_info
+    from ..modelfile import open_model_file
 
-    if toolset is not None and info.native_tools:
-        return render_text(messages, toolset.specs())
-    if toolset is not None:
-        messages = protocol_messages(messages, toolset.specs())
+    mf = open_model_file(path)
+    vocab = vocabulary(mf)
     try:
-        return render(info.chat_template, messages, bos=info.bos_text, eos=info.eos_text)
-    except TemplateError as e:
-        raise UserError(str(e)) from None
-
-
-def _with_tools(backend, messages, toolset, sampling, args) -> str:
-    import json
-
-    from ..errors import UserError
-    from ..tools.loop import ToolLoopError, run_tools
-    from ..tools.mistral import ToolCallError
-
-    def confirm(call) -> bool:
-        if args.yes:
-            return True
-        if not sys.stdin.isatty():
-            print(f"refused {call['name']}: it has side effects (pass --yes to allow)", file=sys.stderr)
-            return False
-        answer = input(f"Run {call['name']}({json.dumps(call['arguments'])})? It has side effects. [y/N] ")
-        return answer.strip().lower() in ("y", "yes")
-
-    def show(call, result) -> None:
-        print(f"tool: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}", file=sys.stderr)
-
-    try:
-        return run_tools(backend, messages, toolset, sampling, choice=args.tool_choice, confirm=confirm, on_call=show)
-    except (ToolLoopError, ToolCallError) as e:
-        raise UserError(str(e)) from None
+        tokens = prompt.encode(model_info(mf).prompt, vocab, msgs, toolset.specs() if toolset else None)
+        return prompt.text_of(vocab, tokens)
+    finally:
+        vocab.close()

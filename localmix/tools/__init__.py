@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
+from ..errors import LocalmixError
 
 ENTRY_POINT_GROUP = "localmix.tools"
+MAX_RESULT = 20_000  # characters of a tool result the model reads; the rest is cut, with a note
 
 # Python annotation -> JSON schema (a table, not a chain of ifs)
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
@@ -70,7 +71,7 @@ def _schema_for(annotation) -> dict:
         return {"type": "object"}
     if annotation in JSON_TYPES:
         return {"type": JSON_TYPES[annotation]}
-    raise UserError(f"tool parameter type {annotation!r} has no JSON schema (use str, int, float, bool, list, dict, Literal)")
+    raise LocalmixError(f"tool parameter type {annotation!r} has no JSON schema (use str, int, float, bool, list, dict, Literal)")
 
 
 def _param_docs(doc: str) -> dict[str, str]:
@@ -122,17 +123,17 @@ def from_file(path: str | Path) -> list[Tool]:
     """The public functions defined in a Python file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--tools {path}: no such file")
+        raise LocalmixError(f"--tools {path}: no such file")
     spec = importlib.util.spec_from_file_location(f"localmix_user_tools_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # the user's code: report, don't crash
-        raise UserError(f"--tools {path}: cannot load it: {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:  # the user's code: report, don't crash or exit
+        raise LocalmixError(f"--tools {path}: cannot load it: {type(e).__name__}: {e}") from None
     fns = [f for n, f in vars(module).items()
            if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == module.__name__]
     if not fns:
-        raise UserError(f"--tools {path}: defines no public functions")
+        raise LocalmixError(f"--tools {path}: defines no public functions")
     return [from_function(f) for f in fns]
 
 
@@ -157,7 +158,7 @@ class ToolSet:
         self.tools = {}
         for t in tools:
             if t.name in self.tools:
-                raise UserError(f"two tools are named {t.name!r}")
+                raise LocalmixError(f"two tools are named {t.name!r}")
             self.tools[t.name] = t
 
     def specs(self) -> list[dict]:
@@ -170,13 +171,19 @@ class ToolSet:
         return self.tools[name]
 
     def run(self, call: dict) -> str:
-        """Call one tool; the result (or the error) as the text the model will read."""
+        """Call one tool; the result (or the error) as the text the model will read. Whatever the tool
+        does or returns, this returns a string: a tool's failure is information for the model."""
         t = self.tools[call["name"]]
         try:
             result = t.call(call["arguments"])
-        except Exception as e:  # a tool's failure is information for the model, not a crash
-            return json.dumps({"error": f"{type(e).__name__}: {e}"})
-        return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+            text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the tool's code, or a result JSON cannot hold
+            return json.dumps({"error": f"{type(e).__name__}: {_shorten(str(e))}"})
+        return _shorten(text, MAX_RESULT)
+
+
+def _shorten(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters cut)"
 
 
 def load_tools(files: list[str] | None = None, builtins: bool = True, entry_points: bool = True) -> ToolSet:

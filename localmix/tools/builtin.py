@@ -16,7 +16,16 @@ FUNCTIONS = {"sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": m
              "exp": math.exp, "sin": math.sin, "cos": math.cos, "tan": math.tan, "floor": math.floor, "ceil": math.ceil}
 CONSTANTS = {"pi": math.pi, "e": math.e}
 MAX_POWER = 10_000  # 2 ** 10000 is fine; 9 ** 9 ** 9 would take the machine down
+MAX_BITS = 4_000  # integer results up to about 1200 digits: (9 ** 9999) ** 9999 is refused before it is computed
 MAX_LENGTH = 500
+
+
+def _check_power(base, exponent) -> None:
+    if abs(exponent) > MAX_POWER:
+        raise ValueError(f"exponent {exponent} is too large")
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1 \
+            and base.bit_length() * exponent > MAX_BITS:
+        raise ValueError("the result would have more than 1200 digits")
 
 
 def _eval(node):
@@ -26,9 +35,12 @@ def _eval(node):
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
         left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_POWER:
-            raise ValueError(f"exponent {right} is too large")
-        return BINARY[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right)
+        result = BINARY[type(node.op)](left, right)
+        if isinstance(result, int) and result.bit_length() > MAX_BITS:
+            raise ValueError("the result would have more than 1200 digits")
+        return result
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
         return UNARY[type(node.op)](_eval(node.operand))
     if isinstance(node, ast.Name) and node.id in CONSTANTS:

@@ -1,11 +1,12 @@
-"""Constrained output: JSON schemas to llama.cpp grammars (GBNF, with llama-cpp-python's converter),
-and the schemas of tool calls, so that even a small model emits output that parses and validates."""
+"""Constrained output: JSON schemas to llama.cpp grammars (GBNF text, made by llama-cpp-python's pure
+Python converter; the backend compiles it), and the schemas of tool calls, so that even a small model
+emits output that parses and validates."""
 
 from __future__ import annotations
 
 import json
 
-from ..errors import UserError
+from ..errors import LocalmixError
 
 # Keywords llama.cpp's schema converter does not enforce: a schema that uses them is refused rather than
 # producing output that would not validate.
@@ -19,17 +20,17 @@ def check_schema(schema) -> None:
     import jsonschema
 
     if not isinstance(schema, dict):
-        raise UserError("a JSON schema must be a JSON object")
+        raise LocalmixError("a JSON schema must be a JSON object")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
-        raise UserError(f"not a valid JSON schema: {e.message}") from None
+        raise LocalmixError(f"not a valid JSON schema: {e.message}") from None
     found = sorted(_keywords(schema) & set(UNSUPPORTED))
     if found:
-        raise UserError(f"this JSON schema uses {', '.join(found)}, which constrained generation cannot enforce")
+        raise LocalmixError(f"this JSON schema uses {', '.join(found)}, which constrained generation cannot enforce")
     refs = [r for r in _refs(schema) if not r.startswith("#")]
     if refs:
-        raise UserError(f"this JSON schema refers to external schemas ({refs[0]}); inline them")
+        raise LocalmixError(f"this JSON schema refers to external schemas ({refs[0]}); inline them")
 
 
 def _keywords(node) -> set[str]:
@@ -57,29 +58,29 @@ def _refs(node) -> list[str]:
     return []
 
 
-def grammar_for(schema: dict):
-    """A llama.cpp grammar that only lets the model write JSON valid under `schema`."""
-    from llama_cpp import LlamaGrammar
+def grammar_for(schema: dict) -> str:
+    """A grammar (GBNF) that only lets the model write JSON valid under `schema`."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     check_schema(schema)
     try:
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-    except Exception as e:  # the converter raises plain exceptions on what it cannot express
-        raise UserError(f"this JSON schema cannot be turned into a grammar: {e}") from None
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions on what it cannot express
+        raise LocalmixError(f"this JSON schema cannot be turned into a grammar: {e}") from None
 
 
 def validate(text: str, schema: dict):
-    """The parsed output, or a UserError saying why it does not validate."""
+    """The parsed output, or a LocalmixError saying why it does not validate."""
     import jsonschema
 
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"the output is not JSON ({e.msg}); was it cut by --max-tokens?") from None
+        raise LocalmixError(f"the output is not JSON ({e.msg}); was it cut by --max-tokens?") from None
     try:
         jsonschema.validate(value, schema)
     except jsonschema.ValidationError as e:
-        raise UserError(f"the output does not match the schema: {e.message}") from None
+        raise LocalmixError(f"the output does not match the schema: {e.message}") from None
     return value
 
 
@@ -108,22 +109,11 @@ def protocol_schema(tools: list[dict]) -> dict:
 WORDS_GBNF = r"root ::= [^{\[ \t\n] [^\x00]*"
 
 
-def words_grammar():
-    from llama_cpp import LlamaGrammar
-
-    return LlamaGrammar.from_string(WORDS_GBNF, verbose=False)
-
-
-def call_or_words_grammar(schema: dict):
+def call_or_words_grammar(schema: dict) -> str:
     """Either a tool call valid under `schema` or an answer in words: the model decides, and whichever
     it picks comes out well-formed (the JSON protocol's "auto" rounds)."""
     import re
 
-    from llama_cpp import LlamaGrammar
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    check_schema(schema)
-    gbnf = json_schema_to_gbnf(json.dumps(schema))
-    gbnf = re.sub(r"^root ::=", "call ::=", gbnf, flags=re.M)
+    gbnf = re.sub(r"^root ::=", "call ::=", grammar_for(schema), flags=re.M)
     words = WORDS_GBNF.replace("root ::=", "words ::=")
-    return LlamaGrammar.from_string(f"root ::= call | words\n{gbnf}\n{words}", verbose=False)
+    return f"root ::= call | words\n{gbnf}\n{words}"

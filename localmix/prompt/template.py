@@ -1,12 +1,14 @@
-"""Rendering a conversation with the model's own chat template (the GGUF's tokenizer.chat_template),
-in Jinja's sandbox as Hugging Face does. Templates that refuse a system role (Mixtral's raises
-"Only user and assistant roles are supported!") get the system prompt folded into the first user
-turn instead of having it silently dropped."""
+"""Rendering a conversation with the model's own chat template (the GGUF's tokenizer.chat_template), in
+Jinja's sandbox as Hugging Face does. Templates that refuse a system role (Mixtral's raises "Only user
+and assistant roles are supported!") get the system prompt folded into the first user turn instead of
+having it silently dropped."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import datetime
 from functools import lru_cache
+
+from ..errors import TemplateError
 
 # Used when a GGUF has no template at all: plain ChatML.
 CHATML = (
@@ -15,24 +17,28 @@ CHATML = (
 )
 
 
-class TemplateError(Exception):
-    pass
+class _Raised(Exception):
+    """raise_exception() called by the template itself."""
+
+
+def _raise(message):
+    raise _Raised(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
 
 
 @lru_cache(maxsize=8)
 def _compile(source: str):
-    from jinja2 import TemplateError as JinjaError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise TemplateError(message)
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(source)
-    except JinjaError as e:
+    except Exception as e:  # the template is the model file's code: any failure is the file's
         raise TemplateError(f"the model's chat template does not compile: {e}") from None
 
 
@@ -51,16 +57,14 @@ def fold_system(messages: list[dict]) -> list[dict]:
 
 
 def render(source: str | None, messages: list[dict], *, bos: str = "", eos: str = "", generation_prompt: bool = True) -> str:
-    from jinja2 import TemplateError as JinjaError
-
     template = _compile(source or CHATML)
     kw = dict(bos_token=bos, eos_token=eos, add_generation_prompt=generation_prompt)
     try:
         return template.render(messages=messages, **kw)
-    except (TemplateError, JinjaError) as first:
+    except Exception as first:  # noqa: BLE001 - the template is the model file's code
         if not any(m["role"] == "system" for m in messages):
             raise TemplateError(f"the model's chat template rejected the conversation: {first}") from None
     try:
         return template.render(messages=fold_system(messages), **kw)
-    except (TemplateError, JinjaError) as e:
+    except Exception as e:  # noqa: BLE001
         raise TemplateError(f"the model's chat template rejected the conversation: {e}") from None

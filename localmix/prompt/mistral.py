@@ -19,6 +19,8 @@ import string
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import ToolCallError
+
 CONTROL = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
 BOS, EOS = "<s>", "</s>"
 
@@ -28,10 +30,6 @@ class Control:
     """A special token, by its text."""
 
     text: str
-
-
-class ToolCallError(Exception):
-    """The model's [TOOL_CALLS] reply could not be read as calls."""
 
 
 def _json(value) -> str:
@@ -89,11 +87,6 @@ def encode(messages: list[dict], tools: list[dict] | None, tokenize: Callable[[s
     for s in segments(messages, tools):
         tokens += [ids[s.text]] if isinstance(s, Control) else tokenize(s)
     return tokens
-
-
-def render_text(messages: list[dict], tools: list[dict] | None = None) -> str:
-    """The same sequence as readable text (for --print-prompt)."""
-    return "".join(s.text if isinstance(s, Control) else s for s in segments(messages, tools))
 
 
 def new_call_id() -> str:

@@ -1,0 +1,273 @@
+"""The one adapter to llama-cpp-python. Everything localmix needs beyond its public `Llama` API sits here:
+libggml through ctypes (devices, the CPU buffer type), the default-params hook that carries tensor
+overrides and a progress callback into `Llama()`, llama.cpp's log, its perf counters, token pieces and
+the private attributes behind KV-cache reuse. When llama-cpp-python changes, this file changes.
+
+It knows nothing of plans, prompts or the UI: it is given regex patterns, tokens and sampling numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Callable, Iterator
+
+GGML_DEVICE_TYPE_CPU, GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU = 0, 1, 2
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # --kv-type -> ggml_type id for type_k / type_v
+
+_params_lock = threading.Lock()  # the default-params hook is process-wide while a model loads
+
+
+# -- libggml: devices -------------------------------------------------------------------------------------
+
+
+@cache
+def libggml():
+    from llama_cpp import _ggml
+
+    g = _ggml.libggml
+    g.ggml_backend_dev_count.restype = ctypes.c_size_t
+    g.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    g.ggml_backend_dev_get.restype = ctypes.c_void_p
+    g.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_name.restype = ctypes.c_char_p
+    g.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_description.restype = ctypes.c_char_p
+    g.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_type.restype = ctypes.c_int
+    g.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    g.ggml_backend_dev_memory.restype = None
+    g.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    g.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    g.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    return g
+
+
+def gpu_devices() -> list[tuple[str, int, int]]:
+    """(name, free bytes, total bytes) of every GPU llama.cpp can use."""
+    g = libggml()
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_type(dev) not in (GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU):
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        name = (g.ggml_backend_dev_description(dev) or g.ggml_backend_dev_name(dev) or b"GPU").decode(errors="replace")
+        out.append((name, free.value, total.value))
+    return out
+
+
+def cpu_buffer_type() -> int:
+    """llama.cpp's host-memory buffer type, the value a `tensor_buft_overrides` entry names for "CPU"."""
+    g = libggml()
+    return g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_by_type(GGML_DEVICE_TYPE_CPU))
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@contextmanager
+def _model_params(overrides, progress_cb):
+    """Make llama-cpp-python start from default model params that already carry our tensor overrides
+    and progress callback: its Llama() sets neither `tensor_buft_overrides` nor `progress_callback`."""
+    import llama_cpp.llama_cpp as C
+
+    original = C.llama_model_default_params
+
+    def with_overrides():
+        p = original()
+        if overrides is not None:
+            p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        if progress_cb is not None:
+            p.progress_callback = progress_cb
+        return p
+
+    with _params_lock:
+        C.llama_model_default_params = with_overrides
+        try:
+            yield
+        finally:
+            C.llama_model_default_params = original
+
+
+@contextmanager
+def _captured_log(lines: list[str], echo: bool):
+    """llama.cpp's log (all levels) into `lines` while the block runs; echoed to stderr when asked."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    def on_log(level, text, _user):
+        line = text.decode(errors="replace")
+        lines.append(line)
+        if echo:
+            print(line, end="", file=sys.stderr, flush=True)
+
+    cb = llama_cpp.llama_log_callback(on_log)
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+@dataclass(frozen=True)
+class Perf:
+    """llama.cpp's own counters since the last reset."""
+
+    prompt_tokens: int
+    prompt_seconds: float
+    gen_tokens: int
+    gen_seconds: float
+
+
+class Engine:
+    """A model loaded by llama.cpp, with its context: tokenize, evaluate, sample."""
+
+    def __init__(self, llm, keepalive=(), log: list[str] | None = None):
+        self.llm = llm
+        self._keepalive = keepalive  # ctypes arrays and callbacks llama.cpp holds pointers to
+        self.log = log or []  # llama.cpp's log lines while loading (tensor overrides are listed there)
+
+    @classmethod
+    def load(cls, path: str | Path, *, n_gpu_layers: int, cpu_patterns: list[str], ctx: int, threads: int | None,
+             flash_attn: bool, kv_type: str = "f16", batch: int = 512,
+             progress: Callable[[float], None] | None = None, verbose: bool = False) -> Engine:
+        """Load with every layer up to n_gpu_layers offloaded and the tensors matching `cpu_patterns`
+        (std::regex_search) pinned to host memory, as `-ngl N -ot PATTERN=CPU` do. ValueError or
+        RuntimeError when llama.cpp refuses the file."""
+        import llama_cpp
+
+        overrides = None
+        keep = [p.encode() for p in cpu_patterns]  # the C strings must outlive the load
+        if keep:
+            overrides = (_BuftOverride * (len(keep) + 1))()
+            buft = cpu_buffer_type()
+            for i, p in enumerate(keep):
+                overrides[i].pattern, overrides[i].buft = p, buft
+            overrides[len(keep)].pattern, overrides[len(keep)].buft = None, None
+
+        def on_progress(fraction: float, _user) -> bool:
+            if progress:
+                progress(float(fraction))
+            return True
+
+        progress_cb = llama_cpp.llama_progress_callback(on_progress)
+        log: list[str] = []
+        with _model_params(overrides, progress_cb), _captured_log(log, verbose):
+            llm = llama_cpp.Llama(
+                str(path), n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=batch, n_ubatch=batch,
+                n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
+                type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=verbose,
+            )
+        return cls(llm, (overrides, keep, progress_cb), log)
+
+    @classmethod
+    def vocab_only(cls, path: str | Path) -> Engine:
+        """The vocabulary alone (no weights read): for tokenizing without loading the model."""
+        import llama_cpp
+
+        log: list[str] = []
+        with _captured_log(log, False):
+            return cls(llama_cpp.Llama(str(path), vocab_only=True, verbose=False), (), log)
+
+    # -- vocabulary ---------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """No BOS is added; `special`: control tokens written as text become their ids."""
+        return self.llm.tokenize(text.encode(), add_bos=False, special=special)
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token (`special`: control tokens as their text, else as nothing)."""
+        import llama_cpp
+
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self.llm._model.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n  # llama.cpp returns the size it needs, negated
+
+    @property
+    def bos(self) -> int:
+        return self.llm.token_bos()
+
+    @property
+    def eos(self) -> int:
+        return self.llm.token_eos()
+
+    def is_end(self, token: int) -> bool:
+        """End of generation (EOS, EOT, and the like)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the KV cache."""
+        return self.llm.n_tokens
+
+    def cached_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the KV cache already holds."""
+        n = 0
+        for a, b in zip(self.llm._input_ids[: self.llm.n_tokens], tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def sample(self, tokens: list[int], *, temperature: float, top_p: float, seed: int | None,
+               grammar: str | None = None) -> Iterator[int]:
+        """Tokens sampled after `tokens` (the cached prefix is reused), one at a time, until the caller
+        stops; `grammar` (GBNF) constrains them."""
+        from llama_cpp import LlamaGrammar
+
+        if seed is not None:
+            self.llm.set_seed(seed)
+        compiled = LlamaGrammar.from_string(grammar, verbose=False) if grammar else None
+        gen = self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=40, min_p=0.05, repeat_penalty=1.0,
+                                grammar=compiled)
+        try:
+            yield from gen
+        finally:
+            gen.close()
+
+    def evaluate(self, tokens: list[int]) -> None:
+        """Run tokens through the model (no sampling) and wait for the result, as sampling would."""
+        import llama_cpp
+
+        self.llm.eval(tokens)
+        llama_cpp.llama_synchronize(self.llm._ctx.ctx)  # the perf counters are updated when work is waited for
+
+    def forget(self) -> None:
+        """Empty the KV cache."""
+        self.llm.reset()
+
+    def reset_perf(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_perf_context_reset(self.llm._ctx.ctx)
+
+    def perf(self) -> Perf:
+        import llama_cpp
+
+        p = llama_cpp.llama_perf_context(self.llm._ctx.ctx)
+        return Perf(p.n_p_eval, p.t_p_eval_ms / 1000, p.n_eval, p.t_eval_ms / 1000)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None

@@ -1,0 +1,85 @@
+"""Read, plan, load: from a model file and a memory budget to a loaded backend. `plan`, `run`, `bench`,
+`info`, `chat` and `quantize`'s closing summary all start here, with plain values (sizes in bytes, None
+for "what this machine has")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .backends.llama import LlamaBackend
+from .errors import LocalmixError
+from .hardware import DEFAULT_GPU_BANDWIDTH, PCIE_BANDWIDTH, Hardware, detect
+from .model_info import ModelInfo, model_info
+from .modelfile import ModelFile, open_model_file
+from .planner import Budget, Plan, plan
+
+
+def machine_and_budget(vram: int | None = None, ram: int | None = None, *, measure: bool = False) -> tuple[Hardware, Budget]:
+    """This machine, and the budget to plan for: what it has free, or the `vram`/`ram` given (bytes)."""
+    hw = detect(measure=measure)
+    gpu = hw.gpus[0] if hw.gpus else None
+    budget = Budget(
+        vram=vram if vram is not None else (gpu.free if gpu else 0),
+        ram=ram if ram is not None else hw.ram_available,
+        gpu_bandwidth=gpu.bandwidth if gpu else DEFAULT_GPU_BANDWIDTH,
+        cpu_bandwidth=hw.cpu_decode_bandwidth,
+        pcie_bandwidth=PCIE_BANDWIDTH,
+        cpu_flops=hw.cpu_flops,
+    )
+    return hw, budget
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A model read and planned for a machine."""
+
+    model: ModelFile
+    info: ModelInfo
+    hardware: Hardware
+    budget: Budget
+    plan: Plan
+    ctx: int
+    kv_type: str
+
+
+def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None, ctx: int = 4096, kv_type: str = "f16",
+            measure: bool = False) -> Planned:
+    mf = open_model_file(path)
+    info = model_info(mf)
+    if ctx > info.n_ctx_train:
+        raise LocalmixError(f"--ctx {ctx} is longer than the model's trained context ({info.n_ctx_train})")
+    hw, budget = machine_and_budget(vram, ram, measure=measure)
+    return Planned(mf, info, hw, budget, plan(info, budget, ctx, kv_type), ctx, kv_type)
+
+
+def load(p: Planned, *, threads: int | None = None, progress: Callable[[float], None] | None = None,
+         verbose: bool = False) -> LlamaBackend:
+    """The model loaded by llama.cpp with the plan (threads: physical cores unless given)."""
+    backend = LlamaBackend(p.info, p.plan, ctx=p.ctx, kv_type=p.kv_type, threads=threads or p.hardware.cores, verbose=verbose)
+    backend.load(progress)
+    return backend
+
+
+def vocabulary(mf: ModelFile):
+    """The model's vocabulary alone (no weights read), to tokenize without loading the model."""
+    from .llamacpp import Engine
+
+    try:
+        return Engine.vocab_only(mf.path)
+    except (ValueError, RuntimeError) as e:
+        raise LocalmixError(f"llama.cpp could not read the vocabulary of {mf.path}: {e}") from None
+
+
+def summary_here(info: ModelInfo, vram: int | None = None, ram: int | None = None) -> str:
+    """How a model would run on this machine (or on the budget given), in one line: the plan's summary
+    at a 4096-token context, or why it does not fit."""
+    from .describe import summary_line
+    from .errors import DoesNotFit
+
+    _, budget = machine_and_budget(vram, ram)
+    try:
+        return summary_line(info, plan(info, budget, min(4096, info.n_ctx_train)))
+    except DoesNotFit as e:
+        return str(e)

@@ -1,10 +1,13 @@
 """Models from the Hugging Face hub into the store (`localmix pull`).
 
 From a GGUF repo: the file for the quant asked (Q4_K_M by default), or the file named, with every part
-of a split GGUF; downloaded by huggingface-hub (its progress bars, resume, cache, token and
-HF_HUB_OFFLINE), each part checked against the hub's size and sha256, and only then linked into the
-store, part 1 last, so that the Hugging Face cache holds the only copy and an interrupted pull never
-looks complete. From a safetensors repo: `quantize`.
+of a split GGUF. A part already in the Hugging Face cache is linked from there (no second copy);
+otherwise it is downloaded into the store with huggingface-hub's HTTP client (its token, endpoint and
+progress bars), into a partial file that the next pull resumes (huggingface-hub's own cache throws an
+interrupted download away, which costs hours on an 85 GB model). Each part is checked against the
+hub's size and sha256, and only when all are there do they take their names in the store, part 1
+last, so an interrupted pull never looks complete. HF_HUB_OFFLINE uses the cache alone. From a
+safetensors repo: `quantize`.
 
 Nothing here asks the user anything; commands do."""
 
@@ -60,24 +63,24 @@ def _whole(path: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
-def _listing(repo: str, revision: str | None) -> tuple[list[str] | None, dict, dict]:
-    """(files, sizes, sha256s) from the hub; files None when offline (only the cache can be used)."""
+def _listing(repo: str, revision: str | None) -> tuple[list[str] | None, dict, dict, str | None]:
+    """(files, sizes, sha256s, commit) from the hub; files None when offline (only the cache can be used)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from quantize.hub import hub_error
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return None, {}, {}
+        return None, {}, {}, None
     try:
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     except LocalEntryNotFoundError:
-        return None, {}, {}
+        return None, {}, {}, None
     except Exception as e:  # noqa: BLE001 - mapped to one line, or re-raised as it is
         raise hub_error(e, repo, revision, "listing the repo") from None
     siblings = info.siblings or []
     return ([s.rfilename for s in siblings], {s.rfilename: s.size for s in siblings},
-            {s.rfilename: s.lfs.sha256 for s in siblings if s.lfs})
+            {s.rfilename: s.lfs.sha256 for s in siblings if s.lfs}, info.sha)
 
 
 def _cached_files(repo: str, revision: str | None) -> list[str]:
@@ -102,20 +105,57 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download(repo: str, part: str, revision: str | None, size: int | None, digest: str | None) -> Path:
+def _in_cache(repo: str, part: str, revision: str | None) -> Path | None:
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, part, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _download(repo: str, part: str, revision: str | None, size: int | None, partial: Path) -> None:
+    """`part` into `partial`, resuming from what is there already."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
 
     from quantize.hub import hub_error
 
+    partial.parent.mkdir(parents=True, exist_ok=True)
     try:
-        local = Path(hf_hub_download(repo, part, revision=revision))
+        with open(partial, "ab") as f:
+            http_get(hf_hub_url(repo, part, revision=revision), f, resume_size=f.tell(), headers=build_hf_headers(),
+                     expected_size=size, displayed_filename=part.rsplit("/", 1)[-1])
     except Exception as e:  # noqa: BLE001 - mapped to one line, or re-raised as it is
         raise hub_error(e, repo, revision, f"download of {part}") from None
+
+
+def _check(local: Path, part: str, size: int | None, digest: str | None) -> None:
     if size is not None and local.stat().st_size != size:
         raise LocalmixError(f"{part}: {local.stat().st_size} bytes downloaded, the hub says {size}")
     if digest and sha256(local) != digest:
-        raise LocalmixError(f"{part}: sha256 does not match the hub's; the cached file is corrupt (delete it and pull again)")
-    return local
+        raise LocalmixError(f"{part}: sha256 does not match the hub's; the file is corrupt ({local}: delete it and pull again)")
+
+
+def _fetch(repo: str, part: str, revision: str | None, size: int | None, digest: str | None, target: Path) -> tuple[Path, bool]:
+    """(file, cached): the part in the Hugging Face cache (cached, to link), or downloaded beside the store
+    (to move into place), checked either way."""
+    local = _in_cache(repo, part, revision)
+    if local is not None:
+        _check(local, part, size, digest)
+        return local, True
+    if size is None and digest is None:
+        raise LocalmixError(f"{repo}: offline (HF_HUB_OFFLINE) and {part} is not in the Hugging Face cache")
+    partial = target.parent / ".partial" / f"{target.name}.{(digest or str(size))[:16]}.partial"
+    _download(repo, part, revision, size, partial)
+    try:
+        _check(partial, part, size, digest)
+    except LocalmixError:
+        partial.unlink(missing_ok=True)  # a corrupt download is not resumed
+        raise
+    return partial, False
 
 
 def _link(source: Path, target: Path) -> None:
@@ -134,7 +174,7 @@ def _link(source: Path, target: Path) -> None:
 
 def pull(repo: str, quant: str = DEFAULT_QUANT, revision: str | None = None, force: bool = False) -> Path:
     """Fetch, check and link; returns the store path of the model (part 1 of a split one)."""
-    files, sizes, hashes = _listing(repo, revision)
+    files, sizes, hashes, commit = _listing(repo, revision)
     if files is not None and not any(f.endswith(".gguf") for f in files) and any(f.endswith(".safetensors") for f in files):
         return _quantize(repo, quant, revision, force)
     parts = choose_files(files if files is not None else _cached_files(repo, revision), quant)
@@ -145,9 +185,13 @@ def pull(repo: str, quant: str = DEFAULT_QUANT, revision: str | None = None, for
     present = find(label)
     if present is not None and not force and present.model.parts == tuple(targets):
         return present.path
-    local = [_download(repo, part, revision, sizes.get(part), hashes.get(part)) for part in parts]
-    for source, target in reversed(list(zip(local, targets))):  # part 1 last: the model is complete when it appears
-        _link(source, target)
+    fetched = [_fetch(repo, part, commit or revision, sizes.get(part), hashes.get(part), target)
+               for part, target in zip(parts, targets)]
+    for (source, cached), target in reversed(list(zip(fetched, targets))):  # part 1 last: complete when it appears
+        if cached:
+            _link(source, target)
+        else:
+            os.replace(source, target)
     try:
         return open_model_file(targets[0]).path
     except ModelFileError:

@@ -18,6 +18,8 @@ class FakeHub:
         self.gated: set[str] = set()
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.fail_after: dict[str, int] = {}  # filename -> cut the body after this many bytes, once
+        self.stall_after: dict[str, int] = {}  # filename -> send this many bytes, then hang until `release`, once
+        self.stalled, self.release = threading.Event(), threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,6 +46,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -140,6 +143,14 @@ class FakeHub:
             h.send_header("Accept-Ranges", "bytes")
             h.end_headers()
             if body:
+                stall = self.stall_after.pop(name, None)
+                if stall is not None and stall < len(chunk):
+                    h.wfile.write(chunk[:stall])
+                    h.wfile.flush()
+                    self.stalled.set()
+                    self.release.wait(120)
+                    h.close_connection = True
+                    return
                 cut = self.fail_after.pop(name, None)
                 if cut is not None and cut < len(chunk):
                     h.wfile.write(chunk[:cut])

@@ -48,6 +48,7 @@ def _copy_metadata(r: gguf.GGUFReader, w: gguf.GGUFWriter) -> None:
 def split_copy(src: Path, out: Path, *, first_part_tensors: int | None = None, max_tensors: int | None = None) -> list[Path]:
     """`src` rewritten as a split GGUF named after `out` (`OUT-00001-of-0000N.gguf`...) by gguf-py's split
     writer; returns the parts. `first_part_tensors` or `max_tensors` say where parts end."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     r = gguf.GGUFReader(src)
     arch = r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(out, arch=arch, split_max_tensors=max_tensors or first_part_tensors)

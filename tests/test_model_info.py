@@ -1,0 +1,33 @@
+"""What the planner and the prompt read from a model file."""
+
+from localmix.model_info import layer_of, read_model_info, role
+
+
+def test_roles_and_layers():
+    assert role("blk.3.ffn_up_exps.weight") == "expert" and role("token_embd.weight") == "embed"
+    assert role("blk.3.ffn_gate_inp.weight") == "dense" and role("output.weight") == "dense"
+    assert layer_of("blk.12.attn_q.weight") == 12 and layer_of("output_norm.weight") == -1
+    assert layer_of("blk.x.attn_q.weight") == -1 and layer_of("blk.7") == -1
+
+
+def test_mixtral_v3_file(tiny_gguf):
+    info = read_model_info(tiny_gguf("Q4_K_M"))
+    assert (info.n_layer, info.n_embd, info.n_head, info.n_head_kv, info.head_dim) == (4, 256, 4, 2, 64)
+    assert (info.n_expert, info.n_expert_used, info.n_ctx_train, info.file_type) == (8, 2, 4096, "Q4_K_M")
+    assert info.is_moe and info.n_vocab == 32768
+    experts = [t for t in info.tensors if t.role == "expert"]
+    assert len(experts) == 12 and {t.expert_kind for t in experts} == {"gate", "up", "down"}
+    assert info.weight_bytes == sum(t.nbytes for t in info.tensors) and info.n_params > 20e6
+    fmt = info.prompt
+    assert fmt.native_tools and fmt.add_bos and (fmt.bos, fmt.eos) == ("<s>", "</s>") and "[INST]" in fmt.template
+
+
+def test_split_file_has_the_parts_of_each_tensor(tiny_split):
+    info = read_model_info(tiny_split[0])
+    assert {t.part for t in info.tensors} == {0, 1}
+    assert info.n_layer == 4 and len([t for t in info.tensors if t.role == "expert"]) == 12
+
+
+def test_bpe_chatml_file(smol):
+    fmt = read_model_info(smol).prompt
+    assert not fmt.native_tools and "<|im_start|>" in fmt.template and fmt.eos == "<|im_end|>"

@@ -229,6 +229,16 @@ class Engine:
             n += 1
         return n
 
+    def accepts_grammar(self, grammar: str) -> bool:
+        """llama.cpp parses the GBNF (an unparsable one would reach its sampler chain as NULL and crash)."""
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
     def sample(self, tokens: list[int], *, temperature: float, top_p: float, seed: int | None,
                grammar: str | None = None) -> Iterator[int]:
         """Tokens sampled after `tokens` (the cached prefix is reused), one at a time, until the caller

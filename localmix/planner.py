@@ -88,14 +88,12 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
             if t.role == "expert":
                 cpu_expert_bytes += t.nbytes
         active_params += t.n_elements * share
-    first = _layer_offset(m, n_gpu_layers)  # llama.cpp offloads the last n_gpu_layers layers
-    split_layers = len({t.layer for t in m.tensors if t.role == "expert" and t.name not in gpu and t.layer >= first})
     t_decode = (
         (gpu_bytes / b.gpu_bandwidth if gpu_bytes else 0.0)
         + cpu_bytes / b.cpu_bandwidth
         + n_gpu_layers * GPU_LAYER_OVERHEAD
         + (m.n_layer - n_gpu_layers) * CPU_LAYER_OVERHEAD
-        + split_layers * SPLIT_LAYER_OVERHEAD
+        + len(split_layers(m, gpu, n_gpu_layers)) * SPLIT_LAYER_OVERHEAD
     )
     flops = 2 * active_params
     if n_gpu_layers and b.vram:
@@ -105,6 +103,13 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
     else:
         t_prefill = flops / b.cpu_flops
     return 1.0 / t_decode, 1.0 / t_prefill
+
+
+def split_layers(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int) -> set[int]:
+    """Offloaded layers whose experts (some or all) run on the CPU: each token's activations go to the
+    host and back there. llama.cpp offloads the last n_gpu_layers layers."""
+    first = _layer_offset(m, n_gpu_layers)
+    return {t.layer for t in m.tensors if t.role == "expert" and t.name not in gpu and t.layer >= first}
 
 
 def _layer_offset(m: ModelInfo, n_gpu_layers: int) -> int:

@@ -1,10 +1,13 @@
 """The planner on the real tensor tables of Mixtral 8x7B and 8x22B at Q4_K_M (no weights needed)."""
 
-import pytest
-from shapes import MIXTRAL_8X7B, MIXTRAL_8X22B, model_info
+import re
 
-from localmix.errors import UserError
-from localmix.planner import GiB, Budget, kv_cache_bytes, llama_args, n_cpu_moe, override_patterns, plan
+import pytest
+
+from localmix.errors import DoesNotFit
+from localmix.planner import Budget, kv_cache_bytes, llama_args, n_cpu_moe, override_patterns, plan, split_layers
+from localmix.units import GiB
+from tests.support.shapes import MIXTRAL_8X7B, MIXTRAL_8X22B, model_info
 
 MODELS = {"8x7B": model_info(MIXTRAL_8X7B), "8x22B": model_info(MIXTRAL_8X22B)}
 BUDGETS_GIB = [24, 16, 12, 8, 0]
@@ -104,11 +107,11 @@ def test_prediction_matches_field_notes_anchor():
 
 def test_no_fit_error_says_what_would_fit():
     m = MODELS["8x22B"]
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DoesNotFit) as e:
         plan(m, budget(24, ram_gib=64), 65536)
     msg = str(e.value)
     assert "does not fit" in msg and "--ctx" in msg
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DoesNotFit) as e:
         plan(m, budget(0, ram_gib=64), CTX)
     assert "smaller quantization" in str(e.value)
 
@@ -118,9 +121,26 @@ def test_llama_args_round_trip():
     p = plan(m, budget(12), CTX)
     args = llama_args(m, p)
     assert args[:2] == ["-ngl", "33"]
-    import re
-
     pats = [re.compile(a.removesuffix("=CPU")) for a in args[3::2]]
     matched = {t.name for t in m.tensors if any(r.search(t.name) for r in pats)}
     assert matched == set(p.cpu_experts)
     assert len(override_patterns(p)) <= 3
+
+
+def test_split_layers_are_offloaded_layers_with_cpu_experts():
+    """llama.cpp offloads the *last* n_gpu_layers layers: with 16 of 32 offloaded (layers 16-31) and the
+    experts of layers 16-23 on the GPU, layers 24-31 are split, not 0-15."""
+    m = MODELS["8x7B"]
+    gpu = frozenset(t.name for t in m.tensors if t.layer >= 16 and (t.role == "dense" or t.layer < 24))
+    assert split_layers(m, gpu, 16) == set(range(24, 32))
+    assert split_layers(m, gpu, 0) == set()
+    everything = frozenset(t.name for t in m.tensors)
+    assert split_layers(m, everything, 32) == set()
+
+
+def test_no_tensor_is_named_twice_in_the_overrides():
+    m = MODELS["8x22B"]
+    p = plan(m, budget(24, 128), CTX)
+    pats = [re.compile(a) for a in override_patterns(p)]
+    for t in m.tensors:
+        assert sum(bool(r.search(t.name)) for r in pats) == (t.name in p.cpu_experts)

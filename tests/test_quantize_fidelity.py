@@ -2,14 +2,12 @@
 
 import numpy as np
 import pytest
-from fixtures import mistral_tokenizer_file
 
-MIXED_TEXT = (
-    "The capital of France is Paris, and the Eiffel Tower stands on the Champ de Mars. "
-    "Le cœur a ses raisons que la raison ne connaît point; déjà l'été s'achève à Montréal. "
-    "Die Straße nach München ist über hundert Kilometer lang, größer als gedacht. "
-    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nprint([fib(i) for i in range(10)])\n"
-)
+from tests.support.checkpoints import mistral_tokenizer_file
+from tests.support.llm import greedy
+from tests.support.llm import logits as llama_logits
+from tests.support.reference import MIXED_TEXT
+from tests.support.reference import hf_logits as hf_logits_of
 
 MULTILINGUAL = [
     "The quick brown fox jumps over the lazy dog.",
@@ -19,26 +17,6 @@ MULTILINGUAL = [
     "def f(x):\n    return {'a': [1, 2, 3]}  # 12345\n\tprint(x)",
     "東京は日本の首都です。北京是中国的首都。🚀 emoji ✅ 🦙",
 ]
-
-
-def llama_logits(gguf_path, tokens):
-    from llama_cpp import Llama
-
-    llm = Llama(str(gguf_path), n_ctx=512, logits_all=True, n_threads=2, verbose=False)
-    llm.eval(tokens)
-    out = np.array(llm.scores[: len(tokens)], dtype=np.float64)
-    llm.close()
-    return out
-
-
-def hf_logits_of(architecture, folder, tokens):
-    """transformers' forward pass in float32: the reference."""
-    import torch
-    import transformers
-
-    model = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].double().numpy()
 
 
 def hf_logits(folder, tokens):
@@ -74,15 +52,16 @@ def test_q4_k_m_keeps_top1_of_bf16(upcycled_gguf, bf16_logits, upcycled_tokens):
     assert top1 >= 0.75
 
 
-def test_q4_k_m_still_knows_paris(upcycled_gguf):
-    from llama_cpp import Llama
+PARIS_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is"
 
-    llm = Llama(str(upcycled_gguf("Q4_K_M")), n_ctx=512, n_threads=2, verbose=False)
-    reply = llm.create_chat_completion(
-        messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=32, seed=1
-    )["choices"][0]["message"]["content"]
-    llm.close()
-    assert "Paris" in reply, reply
+
+def test_q4_k_m_still_knows_paris(upcycled_gguf):
+    """The answer's deciding token, with a margin no kernel difference can flip (measured: 4.7 logits at
+    Q4_K_M; near-ties elsewhere in the reply are not asserted)."""
+    path = upcycled_gguf("Q4_K_M")
+    tokens = _llama_tokens(path, PARIS_PROMPT, special=True)
+    answer = greedy(path, tokens, 1)
+    assert answer.text == " Paris" and answer.margins[0] > 2.0, (answer.text, answer.margins)
 
 
 def test_random_mixtral_logits_match_transformers(tiny, tiny_gguf):
@@ -96,12 +75,12 @@ def test_random_mixtral_logits_match_transformers(tiny, tiny_gguf):
     assert np.mean(ref.argmax(-1) == got.argmax(-1)) >= 0.95
 
 
-def _llama_tokens(gguf_path, text):
+def _llama_tokens(gguf_path, text, special=False):
     from llama_cpp import Llama
 
     llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
     try:
-        return llm.tokenize(text.encode(), add_bos=False, special=False)
+        return llm.tokenize(text.encode(), add_bos=False, special=special)
     finally:
         llm.close()
 

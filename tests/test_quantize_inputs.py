@@ -3,12 +3,14 @@ Mistral) that share the mapping without experts."""
 
 import numpy as np
 import pytest
-from fixtures import make_smollm_dense, make_tiny_mixtral
-from gguf_compare import metadata, tensor_table
-from test_quantize_fidelity import MIXED_TEXT, hf_logits_of, llama_logits
 
 from quantize.checkpoint import open_checkpoint
 from quantize.convert import convert
+from tests.support.checkpoints import make_smollm_dense, make_tiny_mixtral
+from tests.support.ggufs import metadata, tensor_table
+from tests.support.llm import logits as llama_logits
+from tests.support.reference import MIXED_TEXT
+from tests.support.reference import hf_logits as hf_logits_of
 
 
 @pytest.mark.parametrize("dtype, out_type", [("float16", "F16"), ("float32", "BF16")])

@@ -3,11 +3,11 @@ tensor types and the same bytes as localmix's direct pass, for every mix, on a c
 lengths all divide by 256 and on one whose hidden size (576) does not (the fallback types)."""
 
 import pytest
-from conftest import llama_quantize
 from gguf import LlamaFileType
-from gguf_compare import differences, tensor_table
 
 from quantize.recipe import OUT_TYPES
+from tests.support.ggufs import differences, tensor_table
+from tests.support.llm import llama_quantize
 
 
 @pytest.mark.parametrize("out_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16"])

@@ -55,6 +55,8 @@ class LlamaBackend:
         t0 = time.perf_counter()
         if len(tokens) >= self.ctx:
             raise ContextFull(f"the prompt has {len(tokens)} tokens, the context holds {self.ctx}")
+        if grammar is not None and not eng.accepts_grammar(grammar):
+            raise LocalmixError("llama.cpp cannot parse the grammar made for this reply")
         cached = min(eng.cached_prefix(tokens), len(tokens) - 1)
         eng.reset_perf()
         max_new = min(sampling.max_tokens, self.ctx - len(tokens))

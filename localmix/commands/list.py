@@ -49,12 +49,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     t = Table(box=None, header_style="bold")
     for col in ("NAME", "TYPE", "SIZE", "PARAMS", "EXPERTS", "CONTEXT", "PATH"):
-        t.add_column(col, no_wrap=col != "PATH", justify="right" if col in ("SIZE", "PARAMS", "CONTEXT") else "left")
+        t.add_column(col, no_wrap=col != "PATH", overflow="fold" if col == "PATH" else "ellipsis",
+                     justify="right" if col in ("SIZE", "PARAMS", "CONTEXT") else "left")
     for r in data:
         experts = f"{r['experts']}x, top-{r['experts_used']}" if r["experts"] > 1 else "-"
-        kind = f"[red]broken: {escape(r['error'])}[/]" if r["error"] else escape(r["type"])
+        kind = "[red]broken[/]" if r["error"] else escape(r["type"])
         t.add_row(escape(r["name"]), kind, f"{r['bytes'] / 2**30:.1f} GiB",
                   f"{r['parameters'] / 1e9:.2f} B" if r["parameters"] else "?", experts, str(r["context"] or "?"),
                   escape(r["path"]))
     con.print(t)
+    for r in data:
+        if r["error"]:
+            con.print(f"{r['name']} is broken: {r['error']}", markup=False, highlight=False)
     return 0

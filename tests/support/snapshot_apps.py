@@ -1,17 +1,14 @@
-"""Apps for the snapshot tests: the chat app with a scripted backend and a fixed conversation."""
+"""The app for the snapshot tests (tests/test_app_snapshots.py): the chat app with a scripted backend
+and a fixed conversation."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_chat_app import FakeBackend  # noqa: E402
-
-from localmix.app.chat import ChatApp  # noqa: E402
-from localmix.store import Store  # noqa: E402
+from localmix.app.chat import ChatApp
+from localmix.store import Store
+from tests.support.fake_backend import FakeBackend
 
 
 def chat_app() -> ChatApp:

@@ -1,10 +1,15 @@
 """Mistral's native tool format against mistral-common's own encoding (the v3 tokenizer of Mixtral
 8x22B), token for token, and the parsing of [TOOL_CALLS] replies."""
 
-import pytest
-from fixtures import mistral_tokenizer_file
+import json
 
-from localmix.tools.mistral import CONTROL, ToolCallError, encode, parse_tool_calls, render_text
+import pytest
+
+from localmix import prompt
+from localmix.errors import ToolCallError
+from localmix.llamacpp import Engine
+from localmix.prompt.mistral import Control, encode, parse_tool_calls, segments
+from tests.support.checkpoints import mistral_tokenizer_file
 
 CALC = {"name": "calculator", "description": "Evaluate an arithmetic expression",
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}
@@ -52,7 +57,6 @@ def mistral_common_tokens(messages, tools):
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-    import json
 
     converted = []
     for m in messages:
@@ -75,13 +79,9 @@ def mistral_common_tokens(messages, tools):
 
 @pytest.fixture(scope="module")
 def v3_vocab(tiny_gguf):
-    from llama_cpp import Llama
-
-    llm = Llama(str(tiny_gguf("Q4_K_M")), vocab_only=True, verbose=False)
-    ids = {text: llm.tokenize(text.encode(), add_bos=False, special=True)[0] for text in CONTROL}
-    ids.update({"<s>": llm.token_bos(), "</s>": llm.token_eos()})
-    yield (lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)), ids
-    llm.close()
+    vocab = Engine.vocab_only(tiny_gguf("Q4_K_M"))
+    yield (lambda text: vocab.tokenize(text, special=False)), prompt.control_ids(vocab)
+    vocab.close()
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
@@ -91,12 +91,14 @@ def test_tokens_equal_mistral_common(name, v3_vocab):
     assert encode(messages, tools, tokenize, ids) == mistral_common_tokens(messages, tools)
 
 
-def test_rendered_text_shows_the_structure():
+def test_segments_show_the_structure():
     messages, tools = CONVERSATIONS["one call and its result"]
-    text = render_text(messages, tools)
-    assert text.startswith("<s>[AVAILABLE_TOOLS][{\"type\": \"function\"")
-    assert "[INST]Use tools.\n\nWhat is 2+3?[/INST][TOOL_CALLS][{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+3\"}, \"id\": \"abcdefghi\"}]</s>" in text
-    assert text.endswith('[TOOL_RESULTS]{"content": 5, "call_id": "abcdefghi"}[/TOOL_RESULTS]')
+    seq = segments(messages, tools)
+    assert seq[:2] == [Control("<s>"), Control("[AVAILABLE_TOOLS]")] and json.loads(seq[2])[0]["function"]["name"] == "calculator"
+    assert seq[3:8] == [Control("[/AVAILABLE_TOOLS]"), Control("[INST]"), "Use tools.\n\nWhat is 2+3?", Control("[/INST]"),
+                        Control("[TOOL_CALLS]")]
+    assert json.loads(seq[8]) == [{"name": "calculator", "arguments": {"expression": "2+3"}, "id": "abcdefghi"}]
+    assert seq[9:] == [Control("</s>"), Control("[TOOL_RESULTS]"), '{"content": 5, "call_id": "abcdefghi"}', Control("[/TOOL_RESULTS]")]
 
 
 def test_parse_good_calls():

@@ -3,11 +3,8 @@ FIELD-NOTES describes, and file sizes close to the published Q4_K_M files."""
 
 from gguf import GGMLQuantizationType as T
 
-from shapes import MIXTRAL_8X7B, MIXTRAL_8X22B, nbytes, types
-
 from quantize.recipe import ModelShape, tensor_type, use_more_bits
-
-
+from tests.support.shapes import MIXTRAL_8X7B, MIXTRAL_8X22B, nbytes, types
 
 def plan(m: dict, out: str) -> dict[str, tuple[T, tuple[int, ...]]]:
     return types(m, out)

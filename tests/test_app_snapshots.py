@@ -1,9 +1,9 @@
 """Snapshots of the chat app at a fixed terminal size (pytest-textual-snapshot). After a deliberate
-change to the layout, refresh them with: scripts/test tests/test_chat_snapshots.py --snapshot-update"""
+change to the layout, refresh them with: scripts/test tests/test_app_snapshots.py --snapshot-update"""
 
 from pathlib import Path
 
-APP = str(Path(__file__).parent / "snapshot_apps.py")
+APP = str(Path(__file__).parent / "support" / "snapshot_apps.py")
 
 
 async def _ready(pilot):

@@ -1,59 +1,22 @@
 """The chat app driven by Textual's pilot. A fake backend (at the edge: it stands in for llama.cpp, not
-for the app) streams scripted replies so that UI behaviour can be tested exactly; one test runs the
-real demo model through the real backend."""
+for the app, the prompt or the tool loop) streams scripted replies so that UI behaviour can be tested
+exactly; one test runs the real demo model through the real backend."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from localmix.app.chat import ChatApp, MessageView, PromptInput
-from localmix.backends import Stats
 from localmix.store import Store
-
-
-class FakeBackend:
-    """Streams 'reply N to <last user message>' word by word; `slow` makes each word take 20 ms."""
-
-    def __init__(self, slow: bool = False, words_per_token: int = 1):
-        self.slow, self.calls, self.seen = slow, 0, []
-        self.stats = Stats()
-        self._cancel = threading.Event()
-
-    def count_tokens(self, messages):
-        return sum(len(m["content"].split()) + 4 for m in messages)
-
-    def cancel(self):
-        self._cancel.set()
-
-    def stream(self, messages, sampling):
-        self._cancel.clear()
-        self.calls += 1
-        self.seen.append(messages)
-        words = f"reply {self.calls} to {messages[-1]['content']}".split()
-        if self.slow:
-            words += [f"w{i}" for i in range(200)]
-        self.stats = Stats(prompt_tokens=self.count_tokens(messages), ctx_total=4096, stop="eos")
-        for i, w in enumerate(words):
-            if self._cancel.is_set():
-                self.stats.stop = "cancelled"
-                return
-            if self.slow:
-                time.sleep(0.02)
-            self.stats.gen_tokens = i + 1
-            yield ("" if i == 0 else " ") + w
-        self.stats.ctx_used = self.stats.prompt_tokens + len(words)
-
-    def close(self):
-        pass
+from tests.support.fake_backend import FakeBackend, ToolCallingBackend
 
 
 def make_app(tmp_path, backend=None, **kw):
     backend = backend or FakeBackend()
     store = Store(tmp_path / "chats.sqlite3")
-    app = ChatApp(lambda progress, path: (backend, {"split": "100% CPU", "summary": "CPU only: fake"}), store, "fake-model", ctx=kw.pop("ctx", 4096), **kw)
+    app = ChatApp(lambda progress, path: (backend, {"split": "100% CPU", "summary": "CPU only: fake"}), store, "fake-model", **kw)
     return app, backend, store
 
 
@@ -204,12 +167,12 @@ async def test_settings_apply_to_the_chat(tmp_path):
         c = store.chat(app.chat.id)
         assert (c.system, c.temperature, c.max_tokens) == ("You are a pirate.", 0.2, 64)
         await send(pilot, "ahoy")
-        assert backend.seen[-1][0] == {"role": "system", "content": "You are a pirate."}
+        assert backend.seen[-1].startswith("<|im_start|>system\nYou are a pirate.<|im_end|>")
 
 
 @pytest.mark.anyio
 async def test_context_overflow_leaves_out_oldest_turns_but_never_the_system_prompt(tmp_path):
-    app, backend, store = make_app(tmp_path, ctx=120, system="Stay calm.")
+    app, backend, store = make_app(tmp_path, FakeBackend(ctx=120), system="Stay calm.")
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_idle(pilot)
         store.update_settings(app.chat.id, max_tokens=20)
@@ -217,9 +180,9 @@ async def test_context_overflow_leaves_out_oldest_turns_but_never_the_system_pro
         for i in range(6):
             await send(pilot, f"message number {i} " + "word " * 10)
         last_prompt = backend.seen[-1]
-        assert last_prompt[0] == {"role": "system", "content": "Stay calm."}
-        assert last_prompt[1]["role"] == "user" and "number 0" not in last_prompt[1]["content"]
-        assert backend.count_tokens(last_prompt) <= 100
+        assert last_prompt.startswith("<|im_start|>system\nStay calm.<|im_end|>\n<|im_start|>user\nmessage number ")
+        assert "number 0" not in last_prompt and "number 5" in last_prompt
+        assert backend.prompt_tokens[-1] <= 120 - 20
         notices = [str(w.render()) for w in app.query(".notice")]
         assert notices and "left out of the prompt" in notices[-1]
 
@@ -261,21 +224,13 @@ async def test_load_failure_is_shown_and_chats_survive(tmp_path):
         assert [m.content for m in store.messages(old.id)] == ["still here"]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_real_demo_model_answers(tmp_path):
     """The demo model, built on first use from SmolLM2 without torch, through the real backend."""
-    import argparse
-
     from localmix.commands.chat import make_prepare
 
-    args = argparse.Namespace(vram=None, ram=None, ctx=1024, kv_type="f16", threads=2)
     store = Store(tmp_path / "chats.sqlite3")
-    app = ChatApp(make_prepare(args, None), store, "demo", ctx=1024, demo=True)
+    app = ChatApp(make_prepare(ctx=1024, threads=2), store, "demo", demo=True)
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_idle(pilot, timeout=120)
         assert app.backend is not None, app.load_error
@@ -295,7 +250,7 @@ async def test_model_picker_when_the_store_has_several(tmp_path):
         return FakeBackend(), {"split": "100% CPU", "summary": "fake"}
 
     store = Store(tmp_path / "chats.sqlite3")
-    app = ChatApp(prepare, store, "?", choices=[("a.gguf", "/models/a.gguf"), ("b.gguf", "/models/b.gguf")])
+    app = ChatApp(prepare, store, "?", choices=[("a", "/models/a.gguf"), ("b", "/models/b.gguf")])
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
         assert app.screen.__class__.__name__ == "ModelPicker"
@@ -304,21 +259,6 @@ async def test_model_picker_when_the_store_has_several(tmp_path):
         assert loaded == ["/models/b.gguf"] and app.model_label == "b"
         await send(pilot, "hi")
         assert store.messages(app.chat.id)[-1].content == "reply 1 to hi"
-
-
-class ToolCallingBackend(FakeBackend):
-    """Answers a user message with a JSON-protocol call of save_note, and a tool result with words."""
-
-    native_tools = False
-
-    def stream(self, messages, sampling, tools=None, grammar=None, force_tool_calls=False):
-        self.calls += 1
-        self.seen.append(messages)
-        self.stats = Stats(ctx_total=4096, stop="eos")
-        if messages[-1]["role"] == "user":
-            yield '{"tool_calls": [{"name": "save_note", "arguments": {"text": "buy milk"}}]}'
-        else:
-            yield f"Done: {messages[-1]['content']}"
 
 
 def note_tools(target):

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from gguf_compare import metadata
+
+from tests.support.cli import run_cli
+from tests.support.ggufs import metadata
 
 
 def assert_clean_failure(result, out: Path, expect: str):

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import run_cli
+from tests.support.cli import run_cli
 
 
 def test_help_lists_commands():

@@ -84,6 +84,19 @@ def v3_vocab(tiny_gguf):
     vocab.close()
 
 
+@pytest.mark.parametrize("name", ["no tools", "system and turns"])
+def test_conversations_without_tools_on_a_v3_model_equal_mistral_common(name, tiny_gguf):
+    """localmix.prompt uses Mistral's encoding for a v3 vocabulary even without tools."""
+    from localmix.model_info import read_model_info
+
+    messages, _ = CONVERSATIONS[name]
+    vocab = Engine.vocab_only(tiny_gguf("Q4_K_M"))
+    try:
+        assert prompt.encode(read_model_info(tiny_gguf("Q4_K_M")).prompt, vocab, messages) == mistral_common_tokens(messages, None)
+    finally:
+        vocab.close()
+
+
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_tokens_equal_mistral_common(name, v3_vocab):
     messages, tools = CONVERSATIONS[name]

@@ -70,8 +70,13 @@ def native(fmt: PromptFormat, tok: Tokenizer) -> bool:
 def encode(fmt: PromptFormat, tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None, *,
            force_tool_calls: bool = False) -> list[int]:
     """The tokens that make the model write the next assistant turn. `tools`: the tools on offer (their
-    specs); `force_tool_calls`: with native tools, the turn starts with [TOOL_CALLS]."""
-    if uses_tools(messages, tools) and native(fmt, tok):
+    specs); `force_tool_calls`: with native tools, the turn starts with [TOOL_CALLS].
+
+    A model whose vocabulary has Mistral's control tokens (v3: Mixtral 8x22B) gets Mistral's own encoding,
+    with or without tools: each text segment tokenized on its own, token for token as mistral-common
+    does. Its chat template, tokenized as one text, would put an extra word-start space token after each
+    control token ([INST] '▁' '▁Hello')."""
+    if native(fmt, tok):
         ids = control_ids(tok)
         tokens = mistral.encode(messages, tools, lambda text: tok.tokenize(text, special=False), ids)
         return tokens + [ids["[TOOL_CALLS]"]] if force_tool_calls else tokens

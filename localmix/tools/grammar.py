@@ -94,14 +94,15 @@ def call_schema(tools: list[dict]) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def native_calls_schema(tools: list[dict]) -> dict:
-    """Mistral's [TOOL_CALLS] payload: a list of one or more calls."""
-    return {"type": "array", "items": call_schema(tools), "minItems": 1}
+def native_calls_schema(tools: list[dict], max_calls: int | None = None) -> dict:
+    """Mistral's [TOOL_CALLS] payload: a list of one or more calls (at most max_calls)."""
+    schema = {"type": "array", "items": call_schema(tools), "minItems": 1}
+    return schema | {"maxItems": max_calls} if max_calls else schema
 
 
-def protocol_schema(tools: list[dict]) -> dict:
+def protocol_schema(tools: list[dict], max_calls: int | None = None) -> dict:
     """The JSON tool-call protocol for models without native tools: {"tool_calls": [calls]}."""
-    return {"type": "object", "properties": {"tool_calls": native_calls_schema(tools)}, "required": ["tool_calls"]}
+    return {"type": "object", "properties": {"tool_calls": native_calls_schema(tools, max_calls)}, "required": ["tool_calls"]}
 
 
 # A reply in words: anything that does not open a JSON object or list (a tool call), as the first

@@ -35,9 +35,9 @@ def run_tools(backend: Backend, messages: list[dict], toolset: ToolSet, sampling
     for round_ in range(max_rounds):
         forced = choice != "auto" and round_ == 0
         grammar = None
-        if forced:
-            allowed = specs if choice == "required" else [toolset[choice].spec()]
-            grammar = grammar_for(native_calls_schema(allowed) if native else protocol_schema(allowed))
+        if forced:  # a named tool is called once; "required" allows several calls
+            allowed, most = (specs, None) if choice == "required" else ([toolset[choice].spec()], 1)
+            grammar = grammar_for(native_calls_schema(allowed, most) if native else protocol_schema(allowed, most))
         elif choice != "auto":
             grammar = WORDS_GBNF  # the forced calls are done: now the answer
         elif not native:

@@ -25,7 +25,7 @@ def bench(path: Path) -> dict:
         out = subprocess.run([sys.executable, "-m", "localmix", "bench", str(path), "--vram", "0", "--ctx", "1024", "--json"],
                              capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(out)["results"][0])
-    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    med = lambda k: statistics.median(r[k] for r in runs)
     return {k: med(k) for k in ("decode_predicted", "decode_measured", "prefill_predicted", "prefill_measured")}
 
 

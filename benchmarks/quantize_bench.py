@@ -117,7 +117,7 @@ def step(kind: str, *args: str, env: dict | None = None) -> dict:
     try:
         res = json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}") from None
     if res["rc"] not in (0, None):
         raise SystemExit(f"{kind} exited {res['rc']}:\n{r.stderr[-3000:]}")
     return res
@@ -194,13 +194,13 @@ def main() -> None:
         for name, rs in runs.items()
     }
     base = summary["direct"]["seconds"]
-    for name, s in summary.items():
+    for s in summary.values():
         s["direct_time_ratio"] = base / s["seconds"]
     if args.json:
         print(json.dumps(summary, indent=1))
         return
     print(f"{'route':58} {'time s':>8} {'direct/route':>13} {'peak RSS MiB':>13} {'extra disk MiB':>15}")
-    for name, s in summary.items():
+    for s in summary.values():
         print(f"{name:58} {s['seconds']:8.2f} {s['direct_time_ratio']:13.2f} {s['peak_rss_mib']:13.0f} {s['extra_disk_mib']:15.0f}")
 
 

@@ -9,8 +9,8 @@ are copied. The model answers like SmolLM2 does, and exercises the whole MoE pat
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import LocalmixError
 from .paths import models_dir

@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 from .errors import LocalmixError, ModelFileError
-from .models import DEFAULT_QUANT, find, pulled_names
 from .modelfile import open_model_file, parse_split_name, split_name
+from .models import DEFAULT_QUANT, find, pulled_names
 from .paths import models_dir
 
 QUANT_IN_NAME = re.compile(r"[-_.](I?Q\d[\w]*|F16|BF16|F32)(?=[-_.])", re.I)

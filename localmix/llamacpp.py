@@ -11,11 +11,11 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Callable, Iterator
 
 GGML_DEVICE_TYPE_CPU, GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU = 0, 1, 2
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # --kv-type -> ggml_type id for type_k / type_v

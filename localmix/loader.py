@@ -4,9 +4,9 @@ for "what this machine has")."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .backends.llama import LlamaBackend
 from .errors import LocalmixError

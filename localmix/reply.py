@@ -7,7 +7,7 @@ ToolCalls and ToolResult for each round of calls, and one Done at the end."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from . import prompt
 from .backends import Backend, Event, Sampling, Trimmed

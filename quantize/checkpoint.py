@@ -28,7 +28,7 @@ MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 @dataclass
 class TensorRef:
     name: str
-    file: "SafetensorsFile"
+    file: SafetensorsFile
     dtype: str
     shape: tuple[int, ...]
     begin: int  # absolute byte offsets in the file
@@ -46,7 +46,7 @@ class SafetensorsFile:
     _map: mmap.mmap | None = None
 
     @classmethod
-    def open(cls, path: Path) -> "SafetensorsFile":
+    def open(cls, path: Path) -> SafetensorsFile:
         f = cls(path)
         size = path.stat().st_size
         with open(path, "rb") as fh:

@@ -14,11 +14,12 @@ import numpy as np
 from .errors import QuantizeError
 from .recipe import block_size, row_bytes
 
+
 @cache
 def lib() -> ctypes.CDLL:
     try:
         from llama_cpp import _ggml  # loads libggml and, through it, libggml-base
-    except Exception as e:  # an import error here means a broken llama-cpp-python install
+    except Exception as e:  # noqa: BLE001 - an error here means a broken llama-cpp-python install
         raise QuantizeError(f"cannot load llama.cpp's libggml from llama-cpp-python: {e}") from None
     g = _ggml.libggml
     g.ggml_quantize_chunk.argtypes = [

@@ -37,7 +37,7 @@ def resolve(src: str, revision: str | None = None) -> tuple[Path, dict]:
 
     try:
         folder = Path(snapshot_download(src, revision=revision, allow_patterns=NEEDED))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - mapped to one line, or re-raised as it is
         raise hub_error(e, src, revision) from None
     return folder, {"repo": src, "revision": folder.name}
 

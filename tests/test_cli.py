@@ -33,7 +33,6 @@ def test_help_imports_no_heavy_module():
 def test_cli_type_list_is_the_recipe_table():
     """The CLI keeps its own copy of the type names so that --help imports nothing heavy."""
     from localmix.commands.quantize import TYPES
-
     from quantize.recipe import OUT_TYPES
 
     assert TYPES == tuple(OUT_TYPES)

@@ -1,5 +1,6 @@
 """The planner on the real tensor tables of Mixtral 8x7B and 8x22B at Q4_K_M (no weights needed)."""
 
+import itertools
 import re
 
 import pytest
@@ -36,7 +37,7 @@ def test_never_over_budget_and_every_tensor_placed(model, vram):
 def test_monotonic_in_the_budget(model):
     m = MODELS[model]
     plans = [plan(m, budget(v), CTX) for v in range(0, 100, 2)]
-    for a, b in zip(plans, plans[1:]):
+    for a, b in itertools.pairwise(plans):
         assert b.vram.get("weights", 0) >= a.vram.get("weights", 0)
         assert b.decode_tps >= a.decode_tps * 0.999
 

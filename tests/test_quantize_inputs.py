@@ -44,7 +44,8 @@ def test_dense_mistral(tmp_path):
     m = metadata(out)
     assert "llama.expert_count" not in m
     assert {n for n in tensor_table(out) if n.startswith("blk.0.")} == {
-        f"blk.0.{s}.weight" for s in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+        f"blk.0.{s}.weight"
+        for s in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
     }
     tokens = list(range(1, 200, 3))
     ref, ours = hf_logits_of("MistralForCausalLM", src, tokens), llama_logits(out, tokens)

@@ -6,6 +6,7 @@ from gguf import GGMLQuantizationType as T
 from quantize.recipe import ModelShape, tensor_type, use_more_bits
 from tests.support.shapes import MIXTRAL_8X7B, MIXTRAL_8X22B, nbytes, types
 
+
 def plan(m: dict, out: str) -> dict[str, tuple[T, tuple[int, ...]]]:
     return types(m, out)
 
@@ -41,7 +42,7 @@ def test_use_more_bits_matches_llama_cpp():
 
 def test_fallbacks_for_rows_not_divisible_by_256():
     shape = ModelShape(30, 8, 9, 3, tied_embeddings=True)
-    tt = lambda name, ne0, out="Q4_K_M": tensor_type(name, ne0, 2, T.BF16, out, shape)  # noqa: E731
+    tt = lambda name, ne0, out="Q4_K_M": tensor_type(name, ne0, 2, T.BF16, out, shape)
     assert tt("blk.1.attn_q.weight", 576) == T.Q5_0
     assert tt("blk.1.attn_output.weight", 576) == T.Q5_1
     assert tt("blk.0.ffn_down_exps.weight", 1536) == T.Q6_K

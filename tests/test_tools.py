@@ -3,7 +3,7 @@ points, and results that always reach the model as text."""
 
 import json
 import textwrap
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -15,7 +15,7 @@ from localmix.tools.grammar import check_schema
 
 def test_schema_from_signature_and_docstring():
     def book_flight(city: str, seats: int = 1, cabin: Literal["economy", "business"] = "economy",
-                    note: Optional[str] = None, tags: list[str] = ()) -> str:
+                    note: str | None = None, tags: list[str] = ()) -> str:
         """Book a flight.
 
         Args:
@@ -48,7 +48,8 @@ def test_calculator_is_exact_and_safe():
 
 def test_a_failing_tool_reports_to_the_model_instead_of_crashing():
     ts = load_tools(entry_points=False)
-    assert json.loads(ts.run({"name": "calculator", "arguments": {"expression": "1/0"}})) == {"error": "ZeroDivisionError: division by zero"}
+    divide = ts.run({"name": "calculator", "arguments": {"expression": "1/0"}})
+    assert json.loads(divide) == {"error": "ZeroDivisionError: division by zero"}
     assert "more than 1200 digits" in json.loads(ts.run({"name": "calculator", "arguments": {"expression": "9**9999"}}))["error"]
 
 
@@ -114,7 +115,8 @@ def test_tools_from_a_file(tmp_path):
 
 def test_tools_from_installed_packages(tmp_path, monkeypatch):
     """A package that declares `[project.entry-points."localmix.tools"]`: a real distribution on sys.path."""
-    (tmp_path / "weather_tools.py").write_text('def weather(city: str) -> dict:\n    """Weather in a city."""\n    return {"city": city, "sky": "clear"}\n')
+    (tmp_path / "weather_tools.py").write_text(
+        'def weather(city: str) -> dict:\n    """Weather in a city."""\n    return {"city": city, "sky": "clear"}\n')
     dist = tmp_path / "weather_tools-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: weather-tools\nVersion: 1.0\n")

@@ -10,10 +10,10 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from textual import on
 from textual.app import App, ComposeResult
@@ -245,7 +245,7 @@ class ChatApp(App):
 
         try:
             backend, placement = self.prepare(progress, path)
-        except Exception as e:  # any load failure is shown in the app; the app and the chats stay
+        except Exception as e:  # noqa: BLE001 - any load failure is shown in the app; the app and the chats stay
             self.call_from_thread(self._loaded, None, {}, str(e) or type(e).__name__)
             return
         self.call_from_thread(self._loaded, backend, placement, None)

@@ -7,8 +7,9 @@ chat templates or tools (localmix.prompt turns conversations into tokens; localm
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Union
+from typing import Protocol, Union
 
 from ..model_info import ModelInfo
 from ..prompt import Tokenizer
@@ -91,7 +92,7 @@ class ToolResult:
     result: str
 
 
-Event = Union[Text, Done, Trimmed, ToolCalls, ToolResult]
+Event = Union[Text, Done, Trimmed, ToolCalls, ToolResult]  # noqa: UP007 - a runtime alias, Python 3.10
 
 
 class Backend(Protocol):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import codecs
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import ContextFull, LocalmixError
 from ..llamacpp import Engine, Perf

@@ -38,7 +38,7 @@ def _compile(source: str):
     env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(source)
-    except Exception as e:  # the template is the model file's code: any failure is the file's
+    except Exception as e:  # noqa: BLE001 - the template is the model file's code: any failure is the file's
         raise TemplateError(f"the model's chat template does not compile: {e}") from None
 
 

@@ -11,9 +11,10 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import LocalmixError
 
@@ -128,7 +129,7 @@ def from_file(path: str | Path) -> list[Tool]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except (Exception, SystemExit) as e:  # the user's code: report, don't crash or exit
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: report, don't crash or exit
         raise LocalmixError(f"--tools {path}: cannot load it: {type(e).__name__}: {e}") from None
     fns = [f for n, f in vars(module).items()
            if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == module.__name__]

@@ -8,7 +8,7 @@ Done at the end."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .. import prompt
 from ..backends import Backend, Event, Sampling, Text, ToolCalls, ToolResult

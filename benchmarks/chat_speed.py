@@ -37,9 +37,8 @@ async def chat_speed(model: Path, max_tokens: int, home: Path) -> float:
     from localmix.commands.chat import make_prepare
     from localmix.store import Store
 
-    args = argparse.Namespace(vram=None, ram=None, ctx=1024, kv_type="f16", threads=None)
     store = Store(Path(tempfile.mkdtemp(dir=home)) / "chats.sqlite3")  # a fresh conversation each run
-    app = ChatApp(make_prepare(args, model), store, model.stem, ctx=1024)
+    app = ChatApp(make_prepare(ctx=1024, default_model=model), store, model.stem)
     async with app.run_test(size=(120, 40)) as pilot:
         while app.backend is None and not app.load_error:
             await pilot.pause(0.05)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/decode_prediction.py [GGUF ...]
 
-Without arguments it builds the upcycled SmolLM2 test model (tests/fixtures.py), quantizes it to
+Without arguments it builds the upcycled SmolLM2 test model (tests/support/checkpoints.py), quantizes it to
 Q4_K_M and Q8_0, and runs `localmix bench --json` on each (CPU only, context 1024, 512-token prefill,
 64 decoded tokens, 3 runs, median).
 """
@@ -33,10 +33,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(p) for p in sys.argv[1:]]
         if not paths:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from fixtures import make_upcycled_smollm
-
+            sys.path.insert(0, str(ROOT))  # for tests.support, the fixtures the suite builds
             from quantize.convert import convert
+            from tests.support.checkpoints import make_upcycled_smollm
 
             src = make_upcycled_smollm(Path(tmp) / "smollm2-moe")
             for t in ("Q4_K_M", "Q8_0"):

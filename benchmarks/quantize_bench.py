@@ -8,7 +8,7 @@ Routes, each step in its own process (wall time, peak RSS from the process's own
   llama.cpp  (when --llama-cpp-src points at llama.cpp's sources, e.g. the vendored tree of the
              llama-cpp-python sdist) convert_hf_to_gguf.py --outtype bf16, then llama_model_quantize
 
-Without --src it builds the upcycled SmolLM2 fixture (tests/fixtures.py). With --mixtral-layers N it
+Without --src it builds the upcycled SmolLM2 fixture (tests/support/checkpoints.py). With --mixtral-layers N it
 builds a checkpoint with Mixtral 8x7B's real shapes (hidden 4096, 8 experts of 14336, vocabulary 32000)
 and N layers of random bf16 weights, to show that peak memory does not grow with the expert size.
 Routes alternate across repeats so that machine noise hits them alike; the median is reported.
@@ -71,8 +71,8 @@ def write_safetensors(path: Path, tensors: dict) -> None:
 def make_mixtral_8x7b_shaped(folder: Path, layers: int) -> Path:
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fixtures import _write_mistral_tokenizer_config, mistral_tokenizer_file
+    sys.path.insert(0, str(ROOT))  # for tests.support, the fixtures the suite builds
+    from tests.support.checkpoints import _write_mistral_tokenizer_config, mistral_tokenizer_file
 
     folder.mkdir(parents=True)
     d, f, e, kv, vocab = 4096, 14336, 8, 1024, 32000
@@ -167,8 +167,8 @@ def main() -> None:
         if args.mixtral_layers:
             src = make_mixtral_8x7b_shaped(work / "mixtral-8x7b-shaped", args.mixtral_layers)
         elif src is None:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from fixtures import make_upcycled_smollm
+            sys.path.insert(0, str(ROOT))  # for tests.support, the fixtures the suite builds
+            from tests.support.checkpoints import make_upcycled_smollm
 
             src = make_upcycled_smollm(work / "smollm2-moe")
         routes = {

@@ -36,10 +36,6 @@ async def wait_idle(pilot, timeout=10.0):
     await pilot.pause()
 
 
-def texts(app):
-    return [(v.role, app.store.messages(app.chat.id)[i].content) for i, v in enumerate(app.query(MessageView))]
-
-
 @pytest.mark.anyio
 async def test_send_streams_and_persists(tmp_path):
     app, backend, store = make_app(tmp_path)

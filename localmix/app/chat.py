@@ -1,7 +1,8 @@
-"""`localmix chat`: the Textual app. It knows conversations (localmix.store) and the Backend interface
-(localmix.backends), nothing of llama.cpp. The model loads in a thread while the app is already usable;
-replies stream from a thread through a queue that the UI drains RENDER_HZ times a second, so generation
-never waits for rendering."""
+"""`localmix chat`: the Textual app. It knows conversations (localmix.store), the Backend interface and
+its events (localmix.backends) and the conversation turn (localmix.reply, which trims the history to the
+context and runs tools), nothing of llama.cpp. The model loads in a thread while the app is already
+usable; a reply's events come from a thread through a queue that the UI drains RENDER_HZ times a second,
+so generation never waits for rendering."""
 
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ def _fetch(repo: str, part: str, revision: str | None, size: int | None, digest:
     if local is not None:
         _check(local, part, size, digest)
         return local, True
-    if size is None and digest is None:
+    if size is None and digest is None:  # no listing: offline, and the cache does not have it
         raise LocalmixError(f"{repo}: offline (HF_HUB_OFFLINE) and {part} is not in the Hugging Face cache")
     partial = target.parent / ".partial" / f"{target.name}.{(digest or str(size))[:16]}.partial"
     _download(repo, part, revision, size, partial)

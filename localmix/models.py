@@ -37,20 +37,23 @@ class StoredModel:
         return sum(p.stat().st_size for p in self.files if p.exists())
 
 
-def stored_models(folder: Path | None = None) -> list[StoredModel]:
-    """Every model in the store, each opened and checked; a damaged or incomplete one carries its error."""
-    folder = folder or models_dir()
+def _entries(folder: Path | None = None) -> list[tuple[str, list[Path]]]:
+    """(name, files) of each model in the store, from file names alone (nothing is opened)."""
     groups: dict[str, list[Path]] = {}
-    for p in sorted(folder.glob("*.gguf")):
+    for p in sorted((folder or models_dir()).glob("*.gguf")):
         groups.setdefault(model_name(p), []).append(p)
     out = []
     for name, files in groups.items():
         singles = [p for p in files if not parse_split_name(p.name)]
-        for p in singles:  # NAME.gguf beside NAME-0000x-of-0000y.gguf: two models of one name
-            out.append(_open(name, [p]))
+        out += [(name, [p]) for p in singles]  # NAME.gguf beside NAME-0000x-of-0000y.gguf: two models of one name
         if len(singles) < len(files):
-            out.append(_open(name, [p for p in files if parse_split_name(p.name)]))
-    return sorted(out, key=lambda m: m.name.lower())
+            out.append((name, [p for p in files if parse_split_name(p.name)]))
+    return sorted(out, key=lambda e: e[0].lower())
+
+
+def stored_models(folder: Path | None = None) -> list[StoredModel]:
+    """Every model in the store, each opened and checked; a damaged or incomplete one carries its error."""
+    return [_open(name, files) for name, files in _entries(folder)]
 
 
 def _open(name: str, files: list[Path]) -> StoredModel:
@@ -68,10 +71,10 @@ def pulled_names(repo: str, quant: str) -> tuple[str, ...]:
     return f"{name}-{quant.upper()}", f"{repo.replace('/', '--')}-{quant.upper()}"
 
 
-def find(name: str, models: list[StoredModel] | None = None) -> StoredModel | None:
-    """The complete stored model called `name` (any case), or None."""
-    models = stored_models() if models is None else models
-    return next((m for m in models if m.name.lower() == name.lower() and m.model is not None), None)
+def find(name: str, entries: list[tuple[str, list[Path]]] | None = None) -> StoredModel | None:
+    """The complete stored model called `name` (any case), or None. Only that model is opened."""
+    matches = (_open(n, files) for n, files in (_entries() if entries is None else entries) if n.lower() == name.lower())
+    return next((m for m in matches if m.model is not None), None)
 
 
 def resolve_model(spec: str) -> Path:
@@ -83,21 +86,21 @@ def resolve_model(spec: str) -> Path:
     repo = REPO_SPEC.match(spec)
     if ":" in spec and not repo:
         return path
-    models = stored_models()
-    exact = [m for m in models if m.name.lower() == spec.lower()]
-    prefix = exact or [m for m in models if m.name.lower().startswith(spec.lower())]
+    entries = _entries()  # names first; only the model chosen is opened
+    exact = [e for e in entries if e[0].lower() == spec.lower()]
+    prefix = exact or [e for e in entries if e[0].lower().startswith(spec.lower())]
     if len(prefix) > 1:
-        raise LocalmixError(f"{spec!r} matches several models: {', '.join(m.name for m in prefix)}")
+        raise LocalmixError(f"{spec!r} matches several models: {', '.join(name for name, _ in prefix)}")
     if prefix:
-        m = prefix[0]
+        m = _open(*prefix[0])
         if m.model is None:
             raise ModelFileError(f"{m.name}: {m.error}")
         return m.path
     if repo:
         quant = repo.group("quant") or DEFAULT_QUANT
         for name in pulled_names(repo.group("repo"), quant):
-            if m := find(name, models):
+            if m := find(name, entries):
                 return m.path
         raise NotInStore(repo.group("repo"), quant)
-    hint = f" (in the store: {', '.join(m.name for m in models)})" if models else " (the store is empty: localmix pull REPO)"
+    hint = f" (in the store: {', '.join(name for name, _ in entries)})" if entries else " (the store is empty: localmix pull REPO)"
     raise LocalmixError(f"no model {spec!r}: not a file and not in the store{hint}")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ..errors import ContextFull, LocalmixError
-from ..llamacpp import Engine, Perf
+from ..llamacpp import Engine
 from ..model_info import ModelInfo
 from ..planner import Plan, gpu_layers_arg, override_patterns
 from ..prompt import control_ids
@@ -63,7 +63,6 @@ class LlamaBackend:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         visible = control_ids(eng).get("[TOOL_CALLS]")  # shown as text, so that a tool call can be read back
         n, started, stop, ttft = 0, False, "length", 0.0
-        perf = Perf(0, 0.0, 0, 0.0)
         try:
             for tok in eng.sample(tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
                                   grammar=grammar):

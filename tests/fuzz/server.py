@@ -21,6 +21,9 @@ from localmix.cli import COMMANDS
 
 for _module, _ in COMMANDS.values():
     __import__(f"localmix.commands.{_module}")
+# ...and what they import lazily (to keep `localmix --help` fast): a second per case otherwise.
+for _module in ("localmix.loader", "localmix.describe", "rich.console", "rich.table", "rich.markup"):
+    __import__(_module)
 
 
 def _files(root: str) -> set[str]:

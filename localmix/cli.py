@@ -24,8 +24,15 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (argparse prints the whole usage first); status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="localmix", description="Run Mixtral-class MoE models on one desktop: GPU + RAM + CPU.")
+    p = Parser(prog="localmix", description="Run Mixtral-class MoE models on one desktop: GPU + RAM + CPU.")
     p.add_argument("--version", action="version", version=f"localmix {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -50,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The one place where expected failures become a line on stderr and an exit status.
     try:
-        return importlib.import_module(f"localmix.commands.{args._module}").run(args) or 0
+        code = importlib.import_module(f"localmix.commands.{args._module}").run(args) or 0
+        sys.stdout.flush()  # a reader that went away shows here, not at exit as "Exception ignored"
+        return code
     except Error as e:
         print(f"localmix {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -58,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"localmix {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`localmix list | head`): nothing more to say
+        # As Python's documentation advises and rich does for its own writes: status 1, nothing on stderr.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from .hardware import DEFAULT_GPU_BANDWIDTH, PCIE_BANDWIDTH, Hardware, detect
 from .model_info import ModelInfo, model_info
 from .modelfile import ModelFile, open_model_file
 from .planner import Budget, Plan, plan
+from .units import DEFAULT_CTX
 
 
 def machine_and_budget(vram: int | None = None, ram: int | None = None, *, measure: bool = False) -> tuple[Hardware, Budget]:
@@ -42,16 +43,23 @@ class Planned:
     plan: Plan
     ctx: int
     kv_type: str
+    notes: tuple[str, ...] = ()  # what was decided for the user that they should hear about
 
 
-def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None, ctx: int = 4096, kv_type: str = "f16",
-            measure: bool = False) -> Planned:
+def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None, ctx: int | None = None,
+            kv_type: str = "f16", measure: bool = False) -> Planned:
+    """Read and plan. `ctx` None: DEFAULT_CTX, lowered (with a note) to what the model was trained on."""
     mf = open_model_file(path)
     info = model_info(mf)
-    if ctx > info.n_ctx_train:
+    notes = ()
+    if ctx is None:
+        ctx = min(DEFAULT_CTX, info.n_ctx_train)
+        if ctx < DEFAULT_CTX:
+            notes = (f"context {ctx} tokens, the longest this model was trained on",)
+    elif ctx > info.n_ctx_train:
         raise LocalmixError(f"--ctx {ctx} is longer than the model's trained context ({info.n_ctx_train})")
     hw, budget = machine_and_budget(vram, ram, measure=measure)
-    return Planned(mf, info, hw, budget, plan(info, budget, ctx, kv_type), ctx, kv_type)
+    return Planned(mf, info, hw, budget, plan(info, budget, ctx, kv_type), ctx, kv_type, notes)
 
 
 def load(p: Planned, *, threads: int | None = None, progress: Callable[[float], None] | None = None,
@@ -80,6 +88,6 @@ def summary_here(info: ModelInfo, vram: int | None = None, ram: int | None = Non
 
     _, budget = machine_and_budget(vram, ram)
     try:
-        return summary_line(info, plan(info, budget, min(4096, info.n_ctx_train)))
+        return summary_line(info, plan(info, budget, min(DEFAULT_CTX, info.n_ctx_train)))
     except DoesNotFit as e:
         return str(e)

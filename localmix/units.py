@@ -7,6 +7,8 @@ import re
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
+DEFAULT_CTX = 4096  # tokens of context when none is asked for (lowered to a model's trained context)
+
 UNITS = {"": GiB, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
          "g": GiB, "gb": GiB, "gib": GiB, "t": TiB, "tb": TiB, "tib": TiB}
 

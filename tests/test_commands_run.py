@@ -178,3 +178,49 @@ def test_native_mistral_tool_path_end_to_end(tiny_gguf):
 def test_flag_errors():
     assert one_line_error(run_cli("run", "x.gguf", "hi", "--tool-choice", "required"), "--tool-choice needs --tools")
     assert one_line_error(run_cli("run", "missing.gguf", "hi"), "no such model file")
+
+
+def test_prompt_from_stdin_closed_empty_or_not_utf8(smol):
+    """PROMPT '-' with stdin closed or empty is one line; bytes that are not UTF-8, in an argument or on
+    stdin, become U+FFFD (as llama.cpp shows them) instead of failing to encode."""
+    import os
+    import sys
+
+    closed = subprocess.run([sys.executable, "-m", "localmix", "run", str(smol), "-"], capture_output=True, text=True,
+                            preexec_fn=lambda: os.close(0), timeout=600)
+    assert one_line_error(closed, "stdin is closed"), closed.stderr
+    empty = run_cli("run", str(smol), "-", input="  \n")
+    assert one_line_error(empty, "stdin was empty"), empty.stderr
+
+    bad = b"say hi \xff\xfe"
+    from_stdin = subprocess.run([sys.executable, "-m", "localmix", "run", str(smol), "-", "--print-prompt"],
+                                input=bad, capture_output=True, timeout=600)
+    from_arg = subprocess.run([sys.executable, "-m", "localmix", "run", str(smol), bad, "--print-prompt"],
+                              capture_output=True, timeout=600)
+    for r in (from_stdin, from_arg):
+        assert r.returncode == 0 and "say hi \ufffd\ufffd".encode() in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "localmix", "run", str(smol), bad, "--max-tokens", "2", *GREEDY],
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_default_context_is_lowered_to_the_trained_one(tiny, tmp_path):
+    """A model trained on 2048 tokens: without --ctx, the 4096 default becomes 2048 with a notice; an
+    explicit --ctx above 2048 is refused."""
+    import shutil
+
+    from quantize.convert import convert
+
+    short = tmp_path / "short-ctx"
+    shutil.copytree(tiny, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    model = tmp_path / "short.gguf"
+    convert(short, model, "Q8_0")
+
+    r = run_cli("run", str(model), "hi", "--max-tokens", "2", "--threads", "2", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "context 2048 tokens, the longest this model was trained on" in r.stderr
+    assert "of 2048 tokens" in r.stderr  # the context the reply ran in
+    r = run_cli("run", str(model), "hi", "--ctx", "4096")
+    assert one_line_error(r, "longer than the model's trained context (2048)"), r.stderr

@@ -8,7 +8,7 @@ import argparse
 import json
 
 from ..units import GiB
-from .common import add_budget_arguments
+from .common import add_budget_arguments, add_threads_argument, tokens
 
 # Prompt text for the prefill measurement, repeated to the requested length.
 TEXT = (
@@ -21,9 +21,9 @@ TEXT = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a GGUF file, or a model name in the store (localmix list)")
     add_budget_arguments(p)
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prefill length (default 512)")
-    p.add_argument("--gen-tokens", type=int, default=64, help="tokens to decode (default 64)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--prompt-tokens", type=tokens, default=512, help="prefill length (default 512)")
+    p.add_argument("--gen-tokens", type=tokens, default=64, help="tokens to decode (default 64)")
+    add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="results as JSON")
 
 
@@ -63,8 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from ..loader import load
     from .common import planned
 
-    if args.prompt_tokens <= 0 or args.gen_tokens <= 0:
-        raise LocalmixError("--prompt-tokens and --gen-tokens must be positive")
     p = planned(args)
     info, hw, budget = p.info, p.hardware, p.budget
     n_prompt = min(args.prompt_tokens, p.ctx - args.gen_tokens - 1)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..units import parse_size
+from ..units import DEFAULT_CTX, parse_size
 
 
 def size(text: str) -> int:
@@ -18,10 +18,35 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_budget_arguments(p: argparse.ArgumentParser, ctx_default: int = 4096) -> None:
+def bounded(kind, low, high, what: str):
+    """argparse type: a `kind` (int or float) in [low, high]; nan and inf are not numbers a user means."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not low <= value <= high:  # also false for nan
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what} from {low} to {high}")
+        return value
+
+    return parse
+
+
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+threads = bounded(int, 1, MAX_THREADS, "a thread count")
+tokens = bounded(int, 1, 1 << 24, "a token count")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=threads, default=None, help="CPU threads (default: physical cores)")
+
+
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram", type=size, metavar="SIZE", help="GPU memory to plan for (default: free VRAM found; 0 = CPU only)")
     p.add_argument("--ram", type=size, metavar="SIZE", help="RAM to plan for (default: available RAM)")
-    p.add_argument("--ctx", type=int, default=ctx_default, help=f"context length in tokens (default {ctx_default})")
+    p.add_argument("--ctx", type=tokens, default=None,
+                   help=f"context length in tokens (default {DEFAULT_CTX}, or the model's trained context if shorter)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "q8_0", "q4_0"), help="KV cache type (default f16)")
     p.add_argument("--measure", action="store_true", help="measure this machine's memory bandwidth again (forget the cached probes)")
 
@@ -53,5 +78,8 @@ def planned(args: argparse.Namespace):
     """The MODEL argument read and planned with the budget flags (a loader.Planned)."""
     from ..loader import prepare
 
-    return prepare(open_model(args.model), vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type,
-                   measure=args.measure)
+    p = prepare(open_model(args.model), vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type,
+                measure=args.measure)
+    for note in p.notes:
+        print(f"localmix {args.command}: {note}", file=sys.stderr)
+    return p

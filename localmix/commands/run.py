@@ -11,19 +11,20 @@ import json
 import sys
 import time
 
-from .common import add_budget_arguments
+from .common import add_budget_arguments, add_threads_argument, bounded, tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a GGUF file, or a model name in the store (localmix list)")
     p.add_argument("prompt", metavar="PROMPT", help="the user message ('-' reads it from stdin)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=tokens, default=512, help="at most this many tokens of reply (default 512)")
+    p.add_argument("--temperature", type=bounded(float, 0.0, 100.0, "a temperature"), default=0.7,
+                   help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=bounded(float, 0.0, 1.0, "a probability"), default=0.95, help="(default 0.95)")
     p.add_argument("--seed", type=int, default=None)
     add_budget_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    add_threads_argument(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json-schema", metavar="FILE", help="constrain the reply to JSON valid under this schema")
     out.add_argument("--json", action="store_true", help="constrain the reply to a JSON object")
@@ -43,18 +44,16 @@ def messages(system: str | None, prompt: str) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from ..backends import Done, Sampling, Text, ToolCalls, ToolResult
     from ..describe import summary_line
-    from ..errors import LocalmixError
     from ..loader import load
     from ..reply import reply
     from .common import open_model, planned
 
     toolset, schema = _toolset(args), _schema(args)
-    msgs = messages(args.system, sys.stdin.read() if args.prompt == "-" else args.prompt)
+    prompt = _stdin_prompt() if args.prompt == "-" else _text(args.prompt)
+    msgs = messages(_text(args.system) if args.system else None, prompt)
     if args.print_prompt:
         sys.stdout.write(_prompt_text(open_model(args.model), msgs, toolset))
         return 0
-    if args.max_tokens <= 0:
-        raise LocalmixError("--max-tokens must be positive")
 
     t0 = time.perf_counter()
     p = planned(args)
@@ -104,6 +103,29 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose and stats is not None:
         _print_timings(stats, time.perf_counter() - t0, t_load, p.plan.decode_tps)
     return 0
+
+
+def _text(arg: str) -> str:
+    """A command-line argument as text: bytes that are not UTF-8 (Python keeps them as lone surrogates)
+    become U+FFFD, as llama.cpp would show them, instead of failing to encode later."""
+    return arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _stdin_prompt() -> str:
+    """PROMPT '-': all of stdin, decoded leniently; a closed or empty stdin is an error, not an empty turn."""
+    from ..errors import LocalmixError
+
+    stream = getattr(sys.stdin, "buffer", None)
+    try:
+        data = stream.read() if stream is not None else None
+    except (OSError, ValueError):  # fd 0 closed, or stdin is a closed file object
+        data = None
+    if data is None:
+        raise LocalmixError("PROMPT '-' reads the prompt from stdin, but stdin is closed")
+    text = data.decode("utf-8", "replace")
+    if not text.strip():
+        raise LocalmixError("PROMPT '-' reads the prompt from stdin, but stdin was empty")
+    return text
 
 
 def _print_timings(s, total: float, t_load: float, predicted: float) -> None:

@@ -48,8 +48,9 @@ class Outcome:
 
     @property
     def one_line_error(self) -> bool:
+        """Exit 1 (an expected failure) or 2 (a usage error), and one line on stderr."""
         err = self.stderr.strip()
-        return self.code == 1 and not self.traceback and len(err.splitlines()) == 1
+        return self.code in (1, 2) and not self.traceback and len(err.splitlines()) == 1
 
     @property
     def ok(self) -> bool:

@@ -10,7 +10,7 @@ import pytest
 
 from localmix.app.chat import ChatApp, MessageView, PromptInput
 from localmix.store import Store
-from tests.support.fake_backend import FakeBackend, ToolCallingBackend
+from tests.support.fake_backend import MIXTRAL, FakeBackend, ToolCallingBackend
 
 
 def make_app(tmp_path, backend=None, **kw):
@@ -292,3 +292,176 @@ async def test_side_effect_tools_ask_first_and_calls_are_shown(tmp_path, answer,
         assert final == ("Done: saved" if saved else 'Done: {"error": "the user did not allow this call"}')
         tool_views = [v for v in app.query(MessageView) if v.role == "tool"]
         assert len(tool_views) == 1 and "save_note" in tool_views[0].content_text()
+
+
+# -- crashes and errors: nothing is lost, nothing ends the app ------------------------------------------------
+
+
+def errors(app) -> list[str]:
+    return [str(w.render()) for w in app.query(".error")]
+
+
+def cut_off(app) -> list[MessageView]:
+    return [v for v in app.query(MessageView) if v.query(".cutoff")]
+
+
+@pytest.mark.anyio
+async def test_a_streaming_reply_is_saved_as_it_grows_and_completed_at_the_end(tmp_path):
+    app, backend, store = make_app(tmp_path, FakeBackend(slow=True))
+    other = Store(tmp_path / "chats.sqlite3")  # what another process (or this one restarted) would read
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        app.query_one("#prompt", PromptInput).text = "tell me a story"
+        await pilot.press("enter")
+        seen = []
+        for _ in range(40):  # 200 words at 20 ms each: about 4 s
+            await pilot.pause(0.1)
+            last = other.messages(app.chat.id)[-1]
+            if last.role == "assistant":
+                seen.append((len(last.content), last.complete))
+        await wait_idle(pilot)
+        assert len({n for n, _ in seen}) >= 3, f"saved only {seen}"  # it grew, in several saves
+        assert not any(done for _, done in seen[:3])  # marked incomplete while it was written
+        final = other.messages(app.chat.id)
+        assert [m.role for m in final] == ["user", "assistant"] and final[-1].complete
+        assert final[-1].content.endswith("w199") and final[-1].stats["stop"] == "eos"
+        assert not cut_off(app)
+
+
+@pytest.mark.anyio
+async def test_a_stopped_reply_is_kept_complete(tmp_path):
+    app, backend, store = make_app(tmp_path, FakeBackend(slow=True))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        app.query_one("#prompt", PromptInput).text = "go on"
+        await pilot.press("enter")
+        await pilot.pause(0.8)
+        await pilot.press("escape")
+        await wait_idle(pilot)
+        [_, reply] = store.messages(app.chat.id)
+        assert reply.complete and reply.stats["stop"] == "cancelled" and not cut_off(app)
+
+
+def crashed_chat(tmp_path, texts: list[tuple[str, str]], partial: str | None):
+    """The store as a crash leaves it: `texts` (role, content), then a reply saved while it streamed."""
+    store = Store(tmp_path / "chats.sqlite3")
+    chat = store.new_chat(title="crashed")
+    for role, text in texts:
+        store.add_message(chat.id, role, text)
+    if partial is not None:
+        store.draft(chat.id).update(partial)
+    store.close()
+    return chat
+
+
+@pytest.mark.anyio
+async def test_a_cut_off_reply_is_shown_as_such_and_can_be_regenerated(tmp_path):
+    chat = crashed_chat(tmp_path, [("user", "tell me a story")], "Once upon a time there")
+    app, backend, store = make_app(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        assert app.chat.id == chat.id
+        [view] = cut_off(app)
+        assert view.role == "assistant" and "Once upon a time there" in view.content_text()
+        assert "Ctrl+R" in str(view.query_one(".cutoff").render())
+        await pilot.press("ctrl+r")
+        await wait_idle(pilot)
+        msgs = store.messages(chat.id)
+        assert [(m.role, m.content, m.complete) for m in msgs] == [
+            ("user", "tell me a story", True), ("assistant", "reply 1 to tell me a story", True)]
+        assert not cut_off(app) and len(app.query(MessageView)) == 2
+
+
+@pytest.mark.anyio
+async def test_a_cut_off_reply_is_kept_when_the_chat_goes_on(tmp_path):
+    chat = crashed_chat(tmp_path, [("user", "first")], "half an ans")
+    app, backend, store = make_app(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        await send(pilot, "second")
+        msgs = store.messages(chat.id)
+        assert [(m.content, m.complete) for m in msgs] == [
+            ("first", True), ("half an ans", False), ("second", True), ("reply 1 to second", True)]
+        assert "half an ans" in backend.seen[-1]  # the model sees what it had written
+        assert len(cut_off(app)) == 1
+
+
+@pytest.mark.anyio
+async def test_a_reply_that_never_started_can_be_written_with_regenerate(tmp_path):
+    chat = crashed_chat(tmp_path, [("user", "hello")], None)  # killed before the first word was saved
+    app, backend, store = make_app(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        await pilot.press("ctrl+r")
+        await wait_idle(pilot)
+        assert [m.content for m in store.messages(chat.id)] == ["hello", "reply 1 to hello"]
+
+
+@pytest.mark.anyio
+async def test_two_user_messages_in_a_row_open_and_the_chat_goes_on(tmp_path):
+    """What a crash before the first saved word left (older versions saved nothing of a reply): Mixtral's
+    template refuses two user turns in a row; the chat must still answer."""
+    chat = crashed_chat(tmp_path, [("user", "first question"), ("user", "first question again")], None)
+    app, backend, store = make_app(tmp_path, FakeBackend(template=MIXTRAL))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        assert [v.role for v in app.query(MessageView)] == ["user", "user"]
+        await send(pilot, "are you there?")
+        assert errors(app) == [], errors(app)
+        msgs = store.messages(chat.id)
+        assert msgs[-1].role == "assistant" and "are you there?" in msgs[-1].content
+        await send(pilot, "and now?")
+        assert store.messages(chat.id)[-1].content.endswith("and now?") and errors(app) == []
+
+
+BAD_TEMPLATE = "{{ raise_exception('this template refuses everything [/INST] [b]') }}"
+
+
+@pytest.mark.anyio
+async def test_a_template_error_is_shown_not_raised_and_the_message_comes_back(tmp_path):
+    app, backend, store = make_app(tmp_path, FakeBackend(template=BAD_TEMPLATE))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        for _ in range(3):  # retrying never piles up user messages
+            await send(pilot, "hello")
+            assert app.is_running
+            assert store.messages(app.chat.id) == []
+            assert app.query_one("#prompt", PromptInput).text == "hello"
+            app.query_one("#prompt", PromptInput).text = ""
+        shown = errors(app)
+        assert len(shown) == 3 and "chat template" in shown[-1] and "refuses everything [/INST] [b]" in shown[-1]
+        assert not app.query(MessageView)
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_failure_mid_reply_is_shown_and_the_text_so_far_kept(tmp_path):
+    app, backend, store = make_app(tmp_path, FakeBackend(fail_after=3))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        await send(pilot, "hello there friend")
+        assert app.is_running and "unexpected RuntimeError: llama_decode returned -3" in errors(app)[-1]
+        [user, reply] = store.messages(app.chat.id)
+        assert (reply.content, reply.complete) == ("reply 1 to", False)
+        backend.fail_after = None
+        await pilot.press("ctrl+r")
+        await wait_idle(pilot)
+        assert [(m.content, m.complete) for m in store.messages(app.chat.id)] == [
+            ("hello there friend", True), ("reply 2 to hello there friend", True)]
+
+
+@pytest.mark.anyio
+async def test_names_and_titles_from_files_are_text_not_markup(tmp_path):
+    store = Store(tmp_path / "chats.sqlite3")
+    store.new_chat(title="[/INST] [b]bold\x1b]0;pwned\x07")
+    name = "evil [/INST] [red]model\x1b[2J"
+    app = ChatApp(lambda progress, path: (FakeBackend(), {"split": "100% CPU", "summary": f"summary of {name}"}),
+                  store, name)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_idle(pilot)
+        status = str(app.query_one("#status").render())
+        assert "evil [/INST] [red]model\\x1b[2J" in status and "\x1b" not in status
+        titles = [str(label.render()) for label in app.query("#chats Label")]
+        assert titles == ["[/INST] [b]bold\\x1b]0;pwned"]
+        await send(pilot, "[/INST] hi [bold]")
+        assert store.messages(app.chat.id)[-1].content == "reply 1 to [/INST] hi [bold]"
+        assert app.is_running and errors(app) == []

@@ -2,10 +2,17 @@
 its events (localmix.backends) and the conversation turn (localmix.reply, which trims the history to the
 context and runs tools), nothing of llama.cpp. The model loads in a thread while the app is already
 usable; a reply's events come from a thread through a queue that the UI drains RENDER_HZ times a second,
-so generation never waits for rendering."""
+so generation never waits for rendering.
+
+A reply is saved while it streams (a store Draft, marked incomplete), so a crash keeps what was shown;
+reopened, it is marked as cut off and Ctrl+R writes it again. No error of a reply (the model's template,
+the context, llama.cpp, a tool) and no failing action ends the app: each is a line in the conversation.
+Text from files and from users (model names, titles, errors quoting them) is never read as markup."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import queue
 import re
@@ -24,9 +31,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message as TMessage
 from textual.widgets import Footer, Label, ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
+from quantize.errors import Error
+
 from ..backends import Done, Sampling, Text, ToolCalls, ToolResult, Trimmed
 from ..reply import reply
 from ..store import Chat, Store
+from ..text import shown
 from .screens import ConfirmScreen, HelpScreen, ModelPicker, RenameScreen, SettingsScreen
 
 DEFAULT_SYSTEM = ""
@@ -51,6 +61,35 @@ class _Failed:
     """The generation thread stopped with an error."""
 
     message: str
+
+
+def error_text(e: BaseException) -> str:
+    """An error as one line for the conversation: expected ones (quantize.errors.Error: the template,
+    the context, the model file, a tool) by their message, anything else with its type, as a bug."""
+    if isinstance(e, Error):
+        return shown(str(e) or type(e).__name__, 500)
+    return shown(f"unexpected {type(e).__name__}: {e}", 500)
+
+
+def guarded(method):
+    """An action or handler whose failure becomes an error line in the app instead of ending it."""
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def run(self, *args, **kw):
+            try:
+                return await method(self, *args, **kw)
+            except Exception as e:  # noqa: BLE001 - the app and its chats stay; the error is shown
+                self.failed(e)
+    else:
+        @functools.wraps(method)
+        def run(self, *args, **kw):
+            try:
+                return method(self, *args, **kw)
+            except Exception as e:  # noqa: BLE001 - as above
+                self.failed(e)
+    return run
+
+
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
@@ -115,15 +154,20 @@ def describe_call(call: dict, result: str | None = None) -> str:
     return f"`{call['name']}({args})`" + (f" → `{result}`" if result is not None else " …")
 
 
+CUT_OFF = "cut off: this reply was never finished (Ctrl+R writes it again)"
+
+
 class MessageView(Vertical):
-    def __init__(self, role: str, content: str = "", message_id: int | None = None):
+    def __init__(self, role: str, content: str = "", message_id: int | None = None, *, complete: bool = True):
         super().__init__(classes=f"message {role}")
-        self.role, self.content, self.message_id = role, content, message_id
+        self.role, self.content, self.message_id, self.complete = role, content, message_id, complete
 
     def compose(self) -> ComposeResult:
         yield Label({"user": "You", "assistant": "Model", "system": "System", "tool": "Tool call"}.get(self.role, self.role),
                     classes="role")
         yield Markdown(for_display(self.content))
+        if not self.complete:
+            yield Static(CUT_OFF, classes="cutoff", markup=False)
 
     @property
     def markdown(self) -> Markdown:
@@ -147,6 +191,7 @@ class ChatApp(App):
     .message.user .role { color: $success; }
     .notice { color: $warning; margin: 0 0 1 0; }
     .error { color: $error; margin: 0 0 1 0; }
+    .cutoff { color: $warning; text-style: italic; }
     #prompt { height: 5; border: round $primary; }
     #loading { height: auto; padding: 0 1; }
     #status { height: 1; background: $primary-darken-3; padding: 0 1; }
@@ -190,6 +235,8 @@ class ChatApp(App):
         self.generating = False
         self._events: queue.Queue = queue.Queue()
         self._reply: MessageView | None = None
+        self._draft = None  # the store's Draft of the reply being written
+        self._sent = None  # the user message this reply answers, when it was sent just now (put back on failure)
         self._reply_text = self._pending = ""
         self._stream = None
         self._render_due = 0.0
@@ -209,7 +256,7 @@ class ChatApp(App):
                     yield ProgressBar(total=1.0, show_eta=False, id="progress")
                 yield VerticalScroll(id="log")
                 yield PromptInput(id="prompt", soft_wrap=True, show_line_numbers=False)
-        yield Static("", id="status")
+        yield Static("", id="status", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -221,6 +268,7 @@ class ChatApp(App):
         self.show_chat(chat)
         self.query_one("#prompt", PromptInput).focus()
         self.set_interval(1 / RENDER_HZ, self.drain)
+        self.cut_off_notice()
         if self.demo:
             self.notify("This is a small demo model. " + "For Mixtral: localmix quantize mistralai/Mixtral-8x7B-Instruct-v0.1",
                         title="Demo model", timeout=8)
@@ -234,7 +282,7 @@ class ChatApp(App):
         if path is None:
             self.exit(message="No model chosen.")
             return
-        self.model_label = next(label for label, p in self.choices if p == path)
+        self.model_label = next(label for label, p in self.choices if p == path)  # shown through shown()
         self._start_load(path)
 
     def _start_load(self, path: str | None) -> None:
@@ -246,8 +294,8 @@ class ChatApp(App):
 
         try:
             backend, placement = self.prepare(progress, path)
-        except Exception as e:  # noqa: BLE001 - any load failure is shown in the app; the app and the chats stay
-            self.call_from_thread(self._loaded, None, {}, str(e) or type(e).__name__)
+        except BaseException as e:  # noqa: BLE001 - any load failure is shown in the app; the app and the chats stay
+            self.call_from_thread(self._loaded, None, {}, error_text(e))
             return
         self.call_from_thread(self._loaded, backend, placement, None)
 
@@ -259,9 +307,9 @@ class ChatApp(App):
         self.query_one("#loading").display = False
         self.backend, self.placement, self.load_error = backend, placement, error
         if error:
-            self.mount_log(Static(f"The model could not be loaded: {error}", classes="error"))
+            self.mount_log(Static(f"The model could not be loaded: {error}", classes="error", markup=False))
         elif placement.get("summary"):
-            self.notify(placement["summary"], title=f"{self.model_label} loaded", timeout=6)
+            self.notify(shown(placement["summary"], 500), title=f"{shown(self.model_label)} loaded", timeout=6, markup=False)
         self.update_status()
 
     # -- chats --------------------------------------------------------------------------------------------
@@ -270,7 +318,7 @@ class ChatApp(App):
         lv = self.query_one("#chats", ListView)
         lv.clear()
         for c in self.store.chats():
-            lv.append(ListItem(Label(c.title[:24]), name=str(c.id)))
+            lv.append(ListItem(Label(shown(c.title[:24]), markup=False), name=str(c.id)))
 
     def show_chat(self, chat: Chat) -> None:
         self.chat = chat
@@ -282,14 +330,21 @@ class ChatApp(App):
                 for c in m.tool_calls:
                     log.mount(MessageView("tool", describe_call(c, results.get(c["id"])), m.id))
             elif m.role != "tool":
-                log.mount(MessageView(m.role, m.content, m.id))
-        self.sub_title = chat.title
+                log.mount(MessageView(m.role, m.content, m.id, complete=m.complete))
+        self.sub_title = shown(chat.title)
         lv = self.query_one("#chats", ListView)
         for i, item in enumerate(lv.children):
             if item.name == str(chat.id):
                 lv.index = i
 
+    def cut_off_notice(self) -> None:
+        msgs = self.store.messages(self.chat.id)
+        if msgs and not msgs[-1].complete:
+            self.notify("The last reply was never finished; Ctrl+R writes it again.", title="Reply cut off",
+                        severity="warning", timeout=8)
+
     @on(ListView.Selected, "#chats")
+    @guarded
     def _select_chat(self, event: ListView.Selected) -> None:
         if self.generating:
             self.notify("Wait for the reply to finish (Esc stops it).")
@@ -298,6 +353,7 @@ class ChatApp(App):
         if chat and (self.chat is None or chat.id != self.chat.id):
             self.show_chat(chat)
 
+    @guarded
     def action_new_chat(self) -> None:
         if self.generating:
             return
@@ -305,6 +361,7 @@ class ChatApp(App):
         self.refresh_chat_list()
         self.show_chat(chat)
 
+    @guarded
     def action_delete_chat(self) -> None:
         if self.generating or self.chat is None:
             return
@@ -315,27 +372,30 @@ class ChatApp(App):
         self.notify("Chat deleted")
 
     def action_rename_chat(self) -> None:
-        def done(title: str | None) -> None:
-            if title:
-                self.store.rename(self.chat.id, title)
-                self.chat = self.store.chat(self.chat.id)
-                self.sub_title = title
-                self.refresh_chat_list()
+        self.push_screen(RenameScreen(self.chat.title), self._renamed)
 
-        self.push_screen(RenameScreen(self.chat.title), done)
+    @guarded
+    def _renamed(self, title: str | None) -> None:
+        if title:
+            self.store.rename(self.chat.id, title)
+            self.chat = self.store.chat(self.chat.id)
+            self.sub_title = shown(title)
+            self.refresh_chat_list()
 
     def action_settings(self) -> None:
-        def done(values: dict | None) -> None:
-            if values:
-                self.store.update_settings(self.chat.id, **values)
-                self.chat = self.store.chat(self.chat.id)
-                self.notify("Settings saved for this chat")
+        self.push_screen(SettingsScreen(self.chat), self._settings_saved)
 
-        self.push_screen(SettingsScreen(self.chat), done)
+    @guarded
+    def _settings_saved(self, values: dict | None) -> None:
+        if values:
+            self.store.update_settings(self.chat.id, **values)
+            self.chat = self.store.chat(self.chat.id)
+            self.notify("Settings saved for this chat")
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
+    @guarded
     def action_export_chat(self) -> None:
         folder = self.exports or Path.home()
         folder.mkdir(parents=True, exist_ok=True)
@@ -349,7 +409,15 @@ class ChatApp(App):
     def mount_log(self, widget) -> None:
         self.query_one("#log", VerticalScroll).mount(widget)
 
+    def show_error(self, message: str) -> None:
+        self.mount_log(Static(f"Error: {message}", classes="error", markup=False))
+
+    def failed(self, e: BaseException) -> None:
+        """What `guarded` does with an error: a line in the conversation (the app goes on)."""
+        self.show_error(error_text(e))
+
     @on(PromptInput.Submitted)
+    @guarded
     def _submitted(self, event: PromptInput.Submitted) -> None:
         text = event.text.strip()
         if not text:
@@ -365,43 +433,59 @@ class ChatApp(App):
         if not self.store.messages(self.chat.id):
             self.store.rename(self.chat.id, text.splitlines()[0][:40])
             self.chat = self.store.chat(self.chat.id)
-            self.sub_title = self.chat.title
+            self.sub_title = shown(self.chat.title)
             self.refresh_chat_list()
         m = self.store.add_message(self.chat.id, "user", text)
         self.mount_log(MessageView("user", text, m.id))
-        self.generate()
+        self.generate(sent=m)
 
-    def generate(self) -> None:
-        """Reply to the conversation so far, in a thread; its events reach the UI through the queue."""
+    def generate(self, sent=None) -> None:
+        """Reply to the conversation so far, in a thread; its events reach the UI through the queue. `sent`:
+        the user message just sent, taken back (into the prompt) if the reply fails before any text."""
         c = self.chat
         history = [m.as_prompt() for m in self.store.messages(c.id)]
         msgs = ([{"role": "system", "content": c.system}] if c.system else []) + history
         sampling = Sampling(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
         self._reply = MessageView("assistant")
+        self._draft, self._sent = self.store.draft(c.id), sent
         self._reply_text = self._pending = ""
         self._render_due, self._ui_cpu = 0.0, time.thread_time()
         self.mount_log(self._reply)
         self._stream = None
         self.generating = True
         self.update_status("writing...")
-        threading.Thread(target=self._generate, args=(msgs, sampling), daemon=True).start()
+        self._events = queue.Queue()  # one per reply: a thread that outlives its reply cannot feed the next one
+        threading.Thread(target=self._generate, args=(msgs, sampling, self._events), daemon=True).start()
 
-    def _generate(self, msgs: list[dict], sampling: Sampling) -> None:
+    def _generate(self, msgs: list[dict], sampling: Sampling, events: queue.Queue) -> None:
         def confirm(call: dict) -> bool:  # asked in the UI; this thread waits for the answer
             answer, decided = [], threading.Event()
-            self._events.put(_Confirm(call, answer, decided))
+            events.put(_Confirm(call, answer, decided))
             decided.wait()
             return bool(answer and answer[0])
 
         try:
             for event in reply(self.backend, msgs, sampling, toolset=self.toolset, confirm=confirm, fit=True):
-                self._events.put(event)
-        except Exception as e:  # noqa: BLE001 - shown in the app; the partial reply is kept
-            self._events.put(_Failed(str(e) or type(e).__name__))
+                events.put(event)
+        except BaseException as e:  # noqa: BLE001 - shown in the app; the partial reply is kept (SystemExit too:
+            events.put(_Failed(error_text(e)))  # in a thread it would end the reply without a word)
 
     async def drain(self) -> None:
         if self._reply is None:
             return
+        try:
+            await self._drain()
+        except Exception as e:  # noqa: BLE001 - the reply ends with the error shown; the app goes on
+            if self.backend is not None:
+                self.backend.cancel()
+            if self._reply is None:  # it failed while finishing
+                self.failed(e)
+                return
+            self._reply_text += self._pending
+            self._pending = ""
+            await self._finish(_Failed(error_text(e)))
+
+    async def _drain(self) -> None:
         end = None
         while end is None:
             try:
@@ -415,6 +499,8 @@ class ChatApp(App):
                 end = event
             else:  # the rest comes in order with the text around it
                 await self._handle(event)
+        if end is None:
+            self._draft.update(self._reply_text)  # saved every SAVE_EVERY seconds: a crash keeps what was shown
         now = time.perf_counter()
         if self._pending and (now >= self._render_due or end is not None):
             if self._stream is None and self._reply.is_mounted:
@@ -438,6 +524,8 @@ class ChatApp(App):
                 await self._stream.stop()
                 self._stream = None
             self._reply_text = self._pending = ""
+            self._draft.discard()
+            self._sent = None  # the conversation went on: the message stays
             await self._reply.markdown.update("")
             m = self.store.add_message(self.chat.id, "assistant", "", tool_calls=event.calls)
             for c in event.calls:
@@ -456,28 +544,45 @@ class ChatApp(App):
                 event.answer.append(ok)
                 event.decided.set()
 
-            self.push_screen(ConfirmScreen(f"The model wants to run {describe_call(event.call)}.\n"
-                                           f"{event.call['name']} has side effects. Run it?"), decided)
+            self.push_screen(ConfirmScreen(f"The model wants to run {shown(describe_call(event.call), 500)}.\n"
+                                           f"{shown(event.call['name'])} has side effects. Run it?"), decided)
 
     async def _finish(self, end) -> None:
-        view, text = self._reply, self._reply_text
-        self._reply = None
-        if self._stream is not None:
-            await self._stream.stop()
-        await view.markdown.update(for_display(text))  # one final full render, line breaks kept
-        self.generating = False
-        stats = end.stats if isinstance(end, Done) else None
-        self.last_stats = stats
-        if text:
-            m = self.store.add_message(self.chat.id, "assistant", text, asdict(stats) if stats else None)
-            view.message_id = m.id
-        else:
-            await view.remove()
-        if isinstance(end, _Failed):
-            self.mount_log(Static(f"Error: {end.message}", classes="error"))
-        elif stats.stop == "cancelled":
-            self.notify("Stopped; the reply so far is kept.")
-        self.update_status()
+        """The reply is over: saved complete (or cut off, after an error), the error shown. A reply that
+        failed before any text takes back the message it answered: it returns to the prompt, so retries
+        never pile up user messages."""
+        view, text, stream = self._reply, self._reply_text, self._stream
+        self._reply, self._stream, self.generating = None, None, False
+        failed = isinstance(end, _Failed)
+        stats = None if failed else end.stats
+        self.last_stats = stats or self.last_stats
+        try:
+            view.message_id = self._draft.finish(text, asdict(stats) if stats else None, complete=not failed)
+            if failed and not text and self._sent is not None:
+                self.take_back(self._sent)
+        finally:
+            if failed:
+                self.show_error(end.message)
+            elif stats.stop == "cancelled":
+                self.notify("Stopped; the reply so far is kept.")
+            self.update_status()
+            if stream is not None:
+                await stream.stop()
+            if text:
+                await view.markdown.update(for_display(text))  # one final full render, line breaks kept
+            else:
+                await view.remove()
+
+    def take_back(self, message) -> None:
+        """A sent message whose reply failed at once: out of the chat, back into the prompt (if empty)."""
+        msgs = self.store.messages(self.chat.id)
+        if not msgs or msgs[-1].id != message.id:
+            return
+        self.store.delete_message(message.id)
+        self._remove_views_from(message.id)
+        prompt = self.query_one("#prompt", PromptInput)
+        if not prompt.text:
+            prompt.text = message.content
 
     def action_stop(self) -> None:
         if self.generating and self.backend is not None:
@@ -492,17 +597,22 @@ class ChatApp(App):
             if view.message_id is not None and view.message_id >= message_id:
                 view.remove()
 
+    @guarded
     def action_regenerate(self) -> None:
+        """The last reply again; with none after the last message (a crash before its first word, a
+        failure), the missing reply."""
         if self.generating or self.backend is None:
             return
         msgs = self.store.messages(self.chat.id)
-        if not msgs or msgs[-1].role != "assistant":
+        if not msgs:
             self.notify("No reply to regenerate.")
             return
-        self.store.delete_message(msgs[-1].id)
-        self._remove_views_from(msgs[-1].id)
+        if msgs[-1].role == "assistant" and not msgs[-1].tool_calls:
+            self.store.delete_message(msgs[-1].id)
+            self._remove_views_from(msgs[-1].id)
         self.generate()
 
+    @guarded
     def action_edit_last(self) -> None:
         if self.generating:
             return
@@ -535,7 +645,7 @@ class ChatApp(App):
     # -- status bar ---------------------------------------------------------------------------------------
 
     def update_status(self, state: str = "") -> None:
-        parts = [self.model_label + (" (demo)" if self.demo else "")]
+        parts = [shown(self.model_label) + (" (demo)" if self.demo else "")]
         if self.placement.get("split"):
             parts.append(self.placement["split"])
         elif self.load_error:

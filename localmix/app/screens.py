@@ -1,4 +1,5 @@
-"""Modal screens of the chat app: help, settings, rename, model picker."""
+"""Modal screens of the chat app: help, settings, rename, model picker. Names from files and a model's
+tool calls are shown as text, never read as markup."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from textual.containers import Grid, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ListItem, ListView, Static, TextArea
 
+from ..text import shown
+
 HELP = """\
 [b]Keys[/b]
 
   Enter        send            Ctrl+J / Shift+Enter  new line
   Esc          stop the reply, keeping what was generated
-  Ctrl+R       regenerate the last reply
+  Ctrl+R       regenerate the last reply, or one that was cut off
   F4, or Up on an empty prompt   edit and resend the last message
   F6           copy the last reply      F7      copy its last code block
   Ctrl+N       new chat                 F8      delete this chat
@@ -108,7 +111,7 @@ class ModelPicker(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label("Choose a model")
-            yield ListView(*[ListItem(Label(label), name=path) for label, path in self.models], id="models")
+            yield ListView(*[ListItem(Label(shown(label), markup=False), name=path) for label, path in self.models], id="models")
 
     def on_list_view_selected(self, event: ListView.Selected) -> None:
         self.dismiss(event.item.name)
@@ -125,7 +128,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Static(self.question)
+            yield Static(self.question, markup=False)
             yield Button("Run it (y)", id="yes", variant="warning")
             yield Button("Don't (n)", id="no")
 

@@ -50,7 +50,19 @@ def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int = 
     return prepare
 
 
+def need_terminal() -> None:
+    """The app draws on a terminal and reads keys from it: without one it would wait forever."""
+    import sys
+
+    from ..errors import LocalmixError
+
+    if not all(stream is not None and stream.isatty() for stream in (sys.stdin, sys.stdout)):
+        raise LocalmixError("chat needs a terminal (its input or output is not one); for one answer without a "
+                            "terminal: localmix run MODEL PROMPT")
+
+
 def run(args: argparse.Namespace) -> int:
+    need_terminal()
     from ..app.chat import ChatApp
     from ..demo import DEMO_FILE
     from ..modelfile import model_name

@@ -1,10 +1,12 @@
 """A scripted backend for UI tests, at the edge: it stands in for llama.cpp (not for the app, the prompt
 or the tool loop, which run for real on what it produces). Its tokenizer splits text into runs of
 non-space and space characters, so prompts round-trip exactly; it answers 'reply N to <last user
-message>' word by word."""
+message>' word by word. The prompt is built by the real prompt layer from the model's template: ChatML
+by default, or any `template` given (Mixtral's, or one that raises)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -13,7 +15,15 @@ from localmix.backends import Done, Sampling, Speed, Stats, Text
 from localmix.model_info import ModelInfo
 from localmix.prompt import PromptFormat
 
-USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
+USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>|\[INST\] (.*?) \[/INST\]", re.S)
+# Mixtral-8x7B-Instruct-v0.1's template: roles must alternate, and a system role is refused
+MIXTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
 
 
 class WordTokenizer:
@@ -46,11 +56,14 @@ def fake_info(name: str = "fake") -> ModelInfo:
 
 
 class FakeBackend:
-    """`slow`: 200 more words, 20 ms each (to stop, or press keys, while a reply streams)."""
+    """`slow`: 200 more words, 20 ms each (to stop, or press keys, while a reply streams); `template`: the
+    model's chat template (None: ChatML); `fail_after`: llama.cpp fails after that many words."""
 
-    def __init__(self, slow: bool = False, ctx: int = 4096):
-        self.slow, self.ctx, self.calls = slow, ctx, 0
+    def __init__(self, slow: bool = False, ctx: int = 4096, template: str | None = None, fail_after: int | None = None):
+        self.slow, self.ctx, self.calls, self.fail_after = slow, ctx, 0, fail_after
         self.info = fake_info()
+        if template is not None:
+            self.info = dataclasses.replace(self.info, prompt=PromptFormat(template=template, bos="<s>", eos="</s>"))
         self.tokenizer = WordTokenizer()
         self.seen: list[str] = []  # the prompts, as text
         self.prompt_tokens: list[int] = []  # their lengths
@@ -69,7 +82,7 @@ class FakeBackend:
         return Speed(1.0, 1.0)
 
     def words(self, prompt: str) -> list[str]:
-        last = USER.findall(prompt)[-1]
+        last = "".join(USER.findall(prompt)[-1])
         words = f"reply {self.calls} to {last}".split()
         return words + [f"w{i}" for i in range(200)] if self.slow else words
 
@@ -86,6 +99,8 @@ class FakeBackend:
                 break
             if self.slow:
                 time.sleep(0.02)
+            if i == self.fail_after:
+                raise RuntimeError("llama_decode returned -3")
             yield Text(("" if i == 0 else " ") + w)
         yield Done(Stats(prompt_tokens=len(tokens), gen_tokens=len(words), gen_seconds=0.01, ctx_used=len(tokens) + len(words),
                          ctx_total=self.ctx, stop=stop))
@@ -95,7 +110,7 @@ class ToolCallingBackend(FakeBackend):
     """Answers a user message with a JSON-protocol call of save_note, and a tool result with words."""
 
     def words(self, prompt: str) -> list[str]:
-        last = USER.findall(prompt)[-1]
+        last = "".join(USER.findall(prompt)[-1])
         if last.startswith("Result of "):
             return ["Done:", last.split(": ", 1)[1].split("\n")[0]]
         return ['{"tool_calls": [{"name": "save_note", "arguments": {"text": "buy milk"}}]}']

@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..hub import pull
     from ..modelfile import model_name
+    from ..text import shown
 
-    path = pull(args.repo, args.quant, args.revision, args.force)
-    print(f"{model_name(path)} is in the store: {path}")
+    # The note on cleaned-up partial files goes to stdout: stderr stays one line when the pull fails.
+    path = pull(args.repo, args.quant, args.revision, args.force, say=print)
+    print(f"{shown(model_name(path))} is in the store: {shown(path, 1000)}")
     return 0

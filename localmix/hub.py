@@ -256,7 +256,7 @@ def pulling(store: Path, name: str):
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # none, or not a PID this system can have
         return False
     except OSError:  # someone else's process
         return True

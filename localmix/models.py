@@ -129,7 +129,8 @@ def choose(spec: str, entries: list[Entry], prefixes: bool = True) -> Entry | No
     for how, rule in RULES if prefixes else RULES[:-1]:
         found = [e for e in entries if rule(spec, e)]
         if len(found) > 1:
-            raise LocalmixError(f"'{shown(spec)}' matches several models {how}: {candidates(found)}; name one exactly")
+            which = "by its file name" if len({e[0] for e in found}) < len(found) else "exactly"
+            raise LocalmixError(f"'{shown(spec)}' matches several models {how}: {candidates(found)}; name one {which}")
         if found:
             return found[0]
     return None

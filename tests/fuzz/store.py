@@ -4,7 +4,7 @@ Each case is its own folder used as LOCALMIX_HOME (the harness runs every case w
 the case's folder, see ENV): a store with a few good models (hard links of one real GGUF) whose names
 differ only by case or share prefixes, and hostile entries: a link whose Hugging Face blob was deleted,
 link loops, folders and a pipe named `x.gguf`, empty, garbage, truncated and unreadable files, names with
-markup, escape sequences, invalid UTF-8 or 240 characters, hidden files, partial downloads of pulls that
+markup, escape sequences, invalid UTF-8 or 230 characters, hidden files, partial downloads of pulls that
 no longer run (stale, fresh, superseded), their locks and half-made links, `.partial` as a file, and a
 Hugging Face cache to pull from offline. The command is one of `list`, `list --json`, `info NAME`,
 `run NAME --print-prompt`, `rm NAME --yes` or `pull REPO`, NAME picked to hit each naming rule: exact,
@@ -44,7 +44,7 @@ DEAD_PID = 4_194_304 + 7  # above Linux's largest pid_max: never a running proce
 # Names of good models: some differ only by case, some are prefixes of others.
 GOOD_NAMES = ["Mixtral-Q4_K_M", "mixtral-q4_k_m", "MIXTRAL-Q4_K_M", "mixtral-Q4_K_S", "Mixtral-8x7B-Q4_K_M",
               "tiny", "tiny-2", "Tiny-3", "m", "x-Q4_K_M", "-rf", "a b"]
-HOSTILE_NAMES = ["evil[red]x[INST]\x1b]0;pwned\x07", "new\nline", "bad\udcffutf8", "L" * 240, "[/bold]", "tab\tname"]
+HOSTILE_NAMES = ["evil[red]x[INST]\x1b]0;pwned\x07", "new\nline", "bad\udcffutf8", "L" * 230, "[bold red]x[", "tab\tname"]
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LocalmixError
+from ..text import shown
 
 ENTRY_POINT_GROUP = "localmix.tools"
 MAX_RESULT = 20_000  # characters of a tool result the model reads; the rest is cut, with a note
@@ -72,7 +73,8 @@ def _schema_for(annotation) -> dict:
         return {"type": "object"}
     if annotation in JSON_TYPES:
         return {"type": JSON_TYPES[annotation]}
-    raise LocalmixError(f"tool parameter type {annotation!r} has no JSON schema (use str, int, float, bool, list, dict, Literal)")
+    raise LocalmixError(f"tool parameter type {shown(repr(annotation))} has no JSON schema "
+                        "(use str, int, float, bool, list, dict, Literal)")
 
 
 def _param_docs(doc: str) -> dict[str, str]:
@@ -91,13 +93,42 @@ def _param_docs(doc: str) -> dict[str, str]:
     return out
 
 
+def _hints(fn: Callable, params) -> dict:
+    """The parameters' types. Hints that exist only for type checkers (imported under TYPE_CHECKING) do
+    not resolve: get_type_hints fails on any of them, the return type included, which a tool does not
+    need; so each parameter is then resolved on its own, and one that cannot be is named."""
+    try:
+        return typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # noqa: BLE001 - NameError and others from evaluating the user's annotations
+        pass
+    hints = {}
+    for pname, p in params.items():
+        if isinstance(p.annotation, str):
+            try:
+                # the user's own code, as the rest of the file that was just run
+                hints[pname] = eval(p.annotation, dict(getattr(fn, "__globals__", {})))
+            except BaseException as e:  # noqa: BLE001
+                raise LocalmixError(f"tool {fn.__name__}: the type of parameter {pname} ({shown(p.annotation)}) "
+                                    f"cannot be resolved: {type(e).__name__}: {shown(e)}") from None
+    return hints
+
+
+def _json_default(value) -> tuple[bool, Any]:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False, None
+    return True, value
+
+
 def from_function(fn: Callable, *, side_effects: bool | None = None, name: str | None = None) -> Tool:
     meta = getattr(fn, "__localmix_tool__", {})
     doc = inspect.getdoc(fn) or ""
-    hints = typing.get_type_hints(fn, include_extras=True)
+    params = inspect.signature(fn).parameters
+    hints = _hints(fn, params)
     docs = _param_docs(doc)
     props, required = {}, []
-    for pname, p in inspect.signature(fn).parameters.items():
+    for pname, p in params.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         schema = _schema_for(hints.get(pname, p.annotation))
@@ -106,7 +137,9 @@ def from_function(fn: Callable, *, side_effects: bool | None = None, name: str |
         if p.default is inspect.Parameter.empty:
             required.append(pname)
         else:
-            schema["default"] = p.default
+            ok, default = _json_default(p.default)
+            if ok:  # a default JSON cannot write is left out of the schema (the function still has it)
+                schema["default"] = default
         props[pname] = schema
     params = {"type": "object", "properties": props}
     if required:
@@ -120,22 +153,44 @@ def from_function(fn: Callable, *, side_effects: bool | None = None, name: str |
     )
 
 
+def _why(e: BaseException) -> str:
+    return shown(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+
 def from_file(path: str | Path) -> list[Tool]:
-    """The public functions defined in a Python file."""
+    """The public functions defined in a Python file. Whatever the file does when it is imported (raise,
+    call sys.exit(), fail to parse) is one LocalmixError naming it, never the end of localmix."""
+    import sys
+    from importlib.machinery import SourceFileLoader
+
     path = Path(path)
+    where = f"--tools {shown(path)}"
     if not path.is_file():
-        raise LocalmixError(f"--tools {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"localmix_user_tools_{path.stem}", path)
+        raise LocalmixError(f"{where}: no such file")
+    name = f"localmix_user_tools_{abs(hash(str(path.resolve())))}"
+    loader = SourceFileLoader(name, str(path))  # any file name: spec_from_file_location wants a .py suffix
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up while the file runs
     try:
-        spec.loader.exec_module(module)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: report, don't crash or exit
-        raise LocalmixError(f"--tools {path}: cannot load it: {type(e).__name__}: {e}") from None
+        loader.exec_module(module)
+    except BaseException as e:  # noqa: BLE001 - the user's code: SystemExit, KeyboardInterrupt... report, don't end
+        sys.modules.pop(name, None)
+        raise LocalmixError(f"{where}: cannot load it: {_why(e)}") from None
     fns = [f for n, f in vars(module).items()
            if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == module.__name__]
     if not fns:
-        raise LocalmixError(f"--tools {path}: defines no public functions")
-    return [from_function(f) for f in fns]
+        raise LocalmixError(f"{where}: defines no public functions")
+    return [_tool_from(where, f) for f in fns]
+
+
+def _tool_from(where: str, fn: Callable) -> Tool:
+    try:
+        return from_function(fn)
+    except LocalmixError as e:
+        raise LocalmixError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a signature inspect cannot read, a decorator's odd object
+        raise LocalmixError(f"{where}: {getattr(fn, '__name__', 'a function')}: {_why(e)}") from None
 
 
 def from_entry_points() -> list[Tool]:
@@ -145,12 +200,16 @@ def from_entry_points() -> list[Tool]:
 
     out = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
+        where = f"tools entry point {shown(ep.name)} ({shown(ep.value)})"
+        try:
+            obj = ep.load()
+        except BaseException as e:  # noqa: BLE001 - an installed package's code, as a --tools file's
+            raise LocalmixError(f"{where}: cannot load it: {_why(e)}") from None
         if inspect.ismodule(obj):
-            out += [from_function(f) for n, f in vars(obj).items()
+            out += [_tool_from(where, f) for n, f in vars(obj).items()
                     if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == obj.__name__]
         else:
-            out.append(from_function(obj))
+            out.append(_tool_from(where, obj))
     return out
 
 

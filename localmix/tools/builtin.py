@@ -16,19 +16,41 @@ FUNCTIONS = {"sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": m
              "exp": math.exp, "sin": math.sin, "cos": math.cos, "tan": math.tan, "floor": math.floor, "ceil": math.ceil}
 CONSTANTS = {"pi": math.pi, "e": math.e}
 MAX_POWER = 10_000  # 2 ** 10000 is fine; 9 ** 9 ** 9 would take the machine down
-MAX_BITS = 4_000  # integer results up to about 1200 digits: (9 ** 9999) ** 9999 is refused before it is computed
+MAX_BITS = 4_000  # integers up to about 1200 digits, at every step: (9 ** 9999) ** 9999 is refused before it is computed
+MAX_DIGITS = 1_300  # round(x, n): |n| beyond the digits an integer may have (round(x, -10**9) computes 10**(10**9))
 MAX_LENGTH = 500
+TOO_BIG = "the result would have more than 1200 digits"
 
 
 def _check_power(base, exponent) -> None:
-    if abs(exponent) > MAX_POWER:
+    if isinstance(exponent, (int, float)) and abs(exponent) > MAX_POWER:
         raise ValueError(f"exponent {exponent} is too large")
     if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1 \
-            and base.bit_length() * exponent > MAX_BITS:
-        raise ValueError("the result would have more than 1200 digits")
+            and math.log2(abs(base)) * exponent > MAX_BITS:
+        raise ValueError(TOO_BIG)
+
+
+def _check_round(number=None, ndigits=None, *rest) -> None:
+    if isinstance(ndigits, int) and abs(ndigits) > MAX_DIGITS:
+        raise ValueError(f"round to {ndigits} digits is out of range")
+
+
+# Checks made before a function runs, where its arguments set its cost.
+BEFORE = {"round": _check_round}
+
+
+def _bounded(value):
+    """Every intermediate result, not only the last: an integer beyond MAX_BITS is refused."""
+    if isinstance(value, int) and value.bit_length() > MAX_BITS:
+        raise ValueError(TOO_BIG)
+    return value
 
 
 def _eval(node):
+    return _bounded(_node(node))
+
+
+def _node(node):
     if isinstance(node, ast.Expression):
         return _eval(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
@@ -37,17 +59,16 @@ def _eval(node):
         left, right = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Pow):
             _check_power(left, right)
-        result = BINARY[type(node.op)](left, right)
-        if isinstance(result, int) and result.bit_length() > MAX_BITS:
-            raise ValueError("the result would have more than 1200 digits")
-        return result
+        return BINARY[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
         return UNARY[type(node.op)](_eval(node.operand))
     if isinstance(node, ast.Name) and node.id in CONSTANTS:
         return CONSTANTS[node.id]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS and not node.keywords:
-        return FUNCTIONS[node.func.id](*[_eval(a) for a in node.args])
-    raise ValueError(f"not allowed in an arithmetic expression: {ast.unparse(node) if hasattr(ast, 'unparse') else node}")
+        args = [_eval(a) for a in node.args]
+        BEFORE.get(node.func.id, lambda *a: None)(*args)
+        return FUNCTIONS[node.func.id](*args)
+    raise ValueError(f"not allowed in an arithmetic expression: {ast.unparse(node)}")
 
 
 def calculator(expression: Annotated[str, {"pattern": r"^[-(0-9a-z][0-9a-z+\-*/%^(). ]{0,79}$"}]) -> float | int:

@@ -14,6 +14,20 @@ UNSUPPORTED = ("not", "if", "then", "else", "dependentSchemas", "dependentRequir
                "uniqueItems", "multipleOf", "propertyNames", "unevaluatedProperties", "unevaluatedItems")
 
 ANY_JSON_OBJECT = {"type": "object"}
+MAX_DEPTH = 64  # levels of nested objects and lists in a schema; every checker and converter recurses through them
+
+
+def depth(value) -> int:
+    """How deeply lists and dicts nest in `value`, counted without recursion (a schema nested 10,000 deep
+    must get an answer, not a RecursionError)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:  # deeper is already too deep: no need to walk all of it
+                todo += [(v, level + 1) for v in (node.values() if isinstance(node, dict) else node)]
+    return deepest
 
 
 def check_schema(schema) -> None:
@@ -21,6 +35,8 @@ def check_schema(schema) -> None:
 
     if not isinstance(schema, dict):
         raise LocalmixError("a JSON schema must be a JSON object")
+    if depth(schema) > MAX_DEPTH:
+        raise LocalmixError(f"this JSON schema is nested more than {MAX_DEPTH} levels deep")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:

@@ -7,6 +7,7 @@ an unsupported dtype is reported in one line instead of failing halfway through 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QuantizeError
+from .errors import QuantizeError, shown
 
 # safetensors dtypes we read -> bytes per element
 DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
@@ -36,7 +37,32 @@ class TensorRef:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
+        return math.prod(self.shape)  # exact: np.prod would wrap around on a hostile shape
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(path: Path, f: SafetensorsFile, name: str, info: object, start: int, size: int) -> TensorRef:
+    """One header entry, every field typed and every byte inside the file before anything is mapped."""
+    where = f"{path.name}: corrupt safetensors header: tensor {shown(name)}"
+    if not isinstance(info, dict):
+        raise QuantizeError(f"{where} is {shown(info)}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape):
+        raise QuantizeError(f"{where} has shape {shown(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)) or not 0 <= offsets[0] <= offsets[1]:
+        raise QuantizeError(f"{where} has data_offsets {shown(offsets)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise QuantizeError(f"{path.name}: tensor {shown(name)} has unsupported dtype {shown(dtype)} (supported: BF16, F16, F32)")
+    ref = TensorRef(name, f, dtype, tuple(shape), start + offsets[0], start + offsets[1])
+    if ref.end - ref.begin != ref.n_elements * DTYPES[dtype]:
+        raise QuantizeError(f"{where} has wrong byte range: shape {list(shape)} of {dtype} is "
+                            f"{ref.n_elements * DTYPES[dtype]} bytes, data_offsets give {ref.end - ref.begin}")
+    if ref.end > size:
+        raise QuantizeError(f"{path.name}: truncated safetensors file ({shown(name)} ends at byte {ref.end}, file has {size})")
+    return ref
 
 
 @dataclass
@@ -47,6 +73,13 @@ class SafetensorsFile:
 
     @classmethod
     def open(cls, path: Path) -> SafetensorsFile:
+        try:
+            return cls._open(path)
+        except OSError as e:
+            raise QuantizeError(f"{path.name} cannot be read: {e.strerror or e}") from None
+
+    @classmethod
+    def _open(cls, path: Path) -> SafetensorsFile:
         f = cls(path)
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -58,26 +91,14 @@ class SafetensorsFile:
                 raise QuantizeError(f"{path.name}: corrupt safetensors header (header length {n}, file size {size})")
             try:
                 header = json.loads(fh.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 raise QuantizeError(f"{path.name}: corrupt safetensors header (not JSON)") from None
         if not isinstance(header, dict):
-            raise QuantizeError(f"{path.name}: corrupt safetensors header")
+            raise QuantizeError(f"{path.name}: corrupt safetensors header (not a JSON object)")
         start = 8 + n
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise QuantizeError(f"{path.name}: corrupt safetensors header entry for {name}") from None
-            if dtype not in DTYPES:
-                raise QuantizeError(f"{path.name}: tensor {name} has unsupported dtype {dtype} (supported: BF16, F16, F32)")
-            ref = TensorRef(name, f, dtype, shape, start + b, start + e)
-            if ref.end - ref.begin != ref.n_elements * DTYPES[dtype] or ref.begin < start:
-                raise QuantizeError(f"{path.name}: corrupt safetensors header: {name} has wrong byte range")
-            if ref.end > size:
-                raise QuantizeError(f"{path.name}: truncated safetensors file ({name} ends at byte {ref.end}, file has {size})")
-            f.tensors[name] = ref
+            if name != "__metadata__":
+                f.tensors[name] = _entry(path, f, name, info, start, size)
         return f
 
     def _mapped(self) -> mmap.mmap:
@@ -136,25 +157,48 @@ class Checkpoint:
             f.close()
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, *, required: bool = True) -> dict | None:
+    """A JSON object from a file, or one line naming the file; None when it is absent and not required."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            data = json.load(fh)
     except FileNotFoundError:
+        if not required:
+            return None
         raise QuantizeError(f"{path.name} not found in {path.parent}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantizeError(f"{path.name} is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise QuantizeError(f"{path.name} is not valid JSON: {shown(str(e), 120)}") from None
+    except RecursionError:
+        raise QuantizeError(f"{path.name} is not valid JSON: nested too deeply") from None
+    except OSError as e:
+        raise QuantizeError(f"{path.name} cannot be read: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise QuantizeError(f"{path.name} is not a JSON object (it holds {json_kind(data)})")
+    return data
+
+
+def json_kind(value: object) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    weight_map = read_json(folder / INDEX_FILE).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise QuantizeError(f"{INDEX_FILE} has no weight_map")
+    for name, shard in weight_map.items():
+        # A shard is a file in the folder: never a path that leads elsewhere ("../x", "/dev/zero").
+        if not isinstance(shard, str) or not shard or shard != Path(shard).name or shard.startswith("."):
+            raise QuantizeError(f"{INDEX_FILE} names {shown(shard)} as the shard of {shown(name)}, not a file name")
+    return weight_map
 
 
 def open_checkpoint(folder: Path) -> Checkpoint:
     if not folder.is_dir():
         raise QuantizeError(f"{folder} is not a folder")
     config = read_json(folder / "config.json")
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise QuantizeError(f"{INDEX_FILE} has no weight_map")
+    if (folder / INDEX_FILE).exists():
+        weight_map = _weight_map(folder)
         shard_names = sorted(set(weight_map.values()))
     elif (folder / SINGLE_FILE).is_file():
         weight_map, shard_names = None, [SINGLE_FILE]
@@ -164,15 +208,18 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     for shard in shard_names:
         p = folder / shard
         if not p.is_file():
-            raise QuantizeError(f"shard {shard} named in {INDEX_FILE} is missing from {folder}")
+            raise QuantizeError(f"shard {shown(shard)} named in {INDEX_FILE} is missing from {folder}")
         files.append(SafetensorsFile.open(p))
     tensors: dict[str, TensorRef] = {}
     for f in files:
-        tensors.update(f.tensors)
+        for name, ref in f.tensors.items():
+            if name in tensors:
+                raise QuantizeError(f"tensor {shown(name)} is in two shards, {tensors[name].file.path.name} and {f.path.name}")
+            tensors[name] = ref
     if weight_map is not None:
         for name, shard in weight_map.items():
             if name not in tensors or tensors[name].file.path.name != shard:
-                raise QuantizeError(f"tensor {name} is not in shard {shard} as {INDEX_FILE} says")
+                raise QuantizeError(f"tensor {shown(name)} is not in shard {shard} as {INDEX_FILE} says")
     return Checkpoint(folder, config, tensors, files)
 
 

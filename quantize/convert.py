@@ -33,14 +33,17 @@ from gguf import GGMLQuantizationType as T
 
 from . import __version__
 from .checkpoint import Checkpoint, TensorRef, disk_free, open_checkpoint, to_f32
-from .errors import QuantizeError
+from .errors import QuantizeError, shown
 from .ggml import default_threads, quantize_rows
+from .layout import check_layout
 from .mapping import gguf_order, map_name
 from .metadata import HParams, add_hparams, llama3_rope_freqs, read_hparams
+from .partials import Removed, locked, partial_path, remove_stale_partials
 from .recipe import OUT_TYPES, ModelShape, row_bytes, tensor_type
 from .vocab import load_vocab
 
 BLOCK_ELEMENTS = 1 << 18  # weights handed to one kernel call: 1 MiB of float32
+MAX_THREADS = 512  # GGML_MAX_N_THREADS, as the CLI's --threads
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 STORED = {"BF16": T.BF16, "F16": T.F16, "F32": T.F32}
 
@@ -85,13 +88,14 @@ class Summary:
 
 
 def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str) -> list[OutTensor]:
-    """Every output tensor with its shape and type, in the order llama.cpp lists them."""
+    """Every output tensor with its shape and type, in the order llama.cpp lists them (of a checkpoint
+    `layout.check_layout` accepted)."""
     grouped: dict[str, dict] = {}
     for ref in ck.tensors.values():
         try:
             m = map_name(ref.name)
         except KeyError:
-            raise QuantizeError(f"unexpected tensor {ref.name} for {hp.arch}") from None
+            raise QuantizeError(f"unexpected tensor {shown(ref.name)} for {hp.arch}") from None
         if m is None:
             continue
         g = grouped.setdefault(m.gguf_name, {"parts": {}, "permute": m.permute})
@@ -119,21 +123,7 @@ def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str) -> list[OutTensor]:
     freqs = llama3_rope_freqs(hp)
     if freqs is not None:
         out.append(OutTensor("rope_freqs.weight", freqs.shape, T.F32, [], extra=freqs))
-    _check_complete(out, hp)
     return sorted(out, key=lambda t: gguf_order(t.name))
-
-
-def _check_complete(tensors: list[OutTensor], hp: HParams) -> None:
-    names = {t.name for t in tensors}
-    ffn = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if hp.is_moe else ("ffn_gate", "ffn_up", "ffn_down")
-    need = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{b}.{s}.weight"
-        for b in range(hp.n_layer)
-        for s in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", *ffn)
-    ]
-    missing = [n for n in need if n not in names]
-    if missing:
-        raise QuantizeError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0]}")
 
 
 def _row_order(t: OutTensor, hp: HParams, n_rows: int) -> np.ndarray | None:
@@ -180,8 +170,27 @@ class Encoder:
             yield _finish(inflight.popleft())
 
 
+def _finite(ref: TensorRef, src: np.ndarray) -> bool:
+    """No NaN or infinity among the block's weights: a float64 sum is non-finite exactly when one is
+    (it cannot overflow from float32 values); for bf16, the exponent bits of some value are all ones."""
+    if ref.dtype == "BF16":
+        return src.size == 0 or int(np.max(src & 0x7F80)) != 0x7F80
+    return bool(np.isfinite(np.sum(src, dtype=np.float64)))
+
+
+def _non_finite_error(ref: TensorRef, rows: np.ndarray, sel: slice, order: np.ndarray | None) -> QuantizeError:
+    """Where the first NaN or infinity of a block is, as the checkpoint numbers rows (not our permuted order)."""
+    src = to_f32(ref, rows[order[sel]] if order is not None else rows[sel])
+    bad = int(np.argmax(~np.isfinite(src).all(axis=1)))
+    row = int(order[sel][bad]) if order is not None else sel.start + bad
+    where = f" (row {row})" if len(ref.shape) > 1 else ""
+    return QuantizeError(f"tensor {shown(ref.name)} holds NaN or infinite values{where}: the checkpoint is damaged")
+
+
 def _encode_block(ref: TensorRef, rows: np.ndarray, sel: slice, order: np.ndarray | None, out_type: T) -> np.ndarray:
     src = rows[order[sel]] if order is not None else rows[sel]
+    if not _finite(ref, src):  # llama.cpp would compute garbage with it, or refuse the file
+        raise _non_finite_error(ref, rows, sel, order)
     if STORED[ref.dtype] == out_type:  # a copy, exact (bf16 to BF16, f32 norms)
         return np.ascontiguousarray(src).view(np.uint8).reshape(-1)
     f32 = to_f32(ref, src)
@@ -220,20 +229,30 @@ def convert(
     on_start: Callable[[int, int], None] | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    on_stale: Callable[[Removed], None] | None = None,
 ) -> Summary:
     """Convert the checkpoint in `folder` to `out`. `source` may carry `repo` and `revision` for the
-    metadata. The callbacks report (number of tensors, total bytes), each finished tensor, and bytes."""
+    metadata. The callbacks report (number of tensors, total bytes), each finished tensor, bytes, and
+    each partial file of an interrupted earlier run that was removed from the output folder."""
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"unknown type {out_type} (choose from {', '.join(OUT_TYPES)})")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise QuantizeError(f"--threads must be from 1 to {MAX_THREADS}, not {threads}")
+    if out.is_dir():
+        raise QuantizeError(f"{out} is a folder; the output must be a file name")
     if out.exists() and not force:
         raise QuantizeError(f"{out} already exists (use --force to overwrite)")
     if not out.parent.is_dir():
         raise QuantizeError(f"output folder {out.parent} does not exist")
     t0 = time.perf_counter()
+    for removed in remove_stale_partials(out.parent):
+        if on_stale:
+            on_stale(removed)
 
     ck = open_checkpoint(folder)
     try:
         hp = read_hparams(ck.config)
+        check_layout(ck.tensors, hp)
         tensors = plan_tensors(ck, hp, out_type)
         w = _header(folder, hp, tensors, out_type, source or {})
         data_bytes = sum(t.nbytes + (-t.nbytes % ALIGNMENT) for t in tensors)
@@ -318,11 +337,12 @@ def _write_tensors(fout, tensors: list[OutTensor], hp: HParams, encoder: Encoder
 def _written_atomically(out: Path) -> Iterator[Path]:
     """Yields a temporary path beside `out`, renamed to `out` if the block completes. An error, Ctrl-C
     or SIGTERM removes it, so nothing half-written is ever left at `out`."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    tmp = partial_path(out)
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
-        yield tmp
-        os.replace(tmp, out)
+        with locked(tmp):  # a SIGKILL leaves the file; the lock tells the next run its writer is gone
+            yield tmp
+            os.replace(tmp, out)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise QuantizeError(f"disk full while writing {out}; nothing was left at {out}") from None

@@ -18,7 +18,8 @@ from pathlib import Path
 import gguf
 from gguf import TokenType
 
-from .errors import QuantizeError
+from .checkpoint import read_json
+from .errors import QuantizeError, shown
 
 
 @dataclass
@@ -41,6 +42,70 @@ class Vocab:
             self.special.add_to_gguf(w, quiet=True)
 
 
+MAX_TOKEN_ID = 1 << 24  # as metadata.INT_RANGES["vocab_size"]
+
+
+def _token_id(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_TOKEN_ID:
+        raise QuantizeError(f"{where} is {shown(value)}, not a token id")
+    return value
+
+
+def _check_unique(tokens: list[bytes | str], source: str) -> None:
+    """llama.cpp aborts on a vocabulary with the same text twice (its text-to-id map must be as long as
+    the list)."""
+    seen: dict[bytes, int] = {}
+    for i, t in enumerate(tokens):
+        key = t.encode() if isinstance(t, str) else t
+        if key in seen:
+            raise QuantizeError(f"{source}: token {shown(key.decode(errors='backslashreplace'))} is both id {seen[key]} and id {i}")
+        seen[key] = i
+
+
+class _SpecialVocab(gguf.SpecialVocab):
+    """gguf-py's reader of special token ids, add-BOS flags and the chat template. A token id that is no
+    id of this vocabulary (negative, a bool, too large: seen in real config.json files as pad_token_id
+    -1) is left out, as llama.cpp's converter leaves out the too-large ones, but without raising or logging."""
+
+    def _set_special_token(self, typ: str, tid) -> None:
+        if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < (self.n_vocab or MAX_TOKEN_ID):
+            super()._set_special_token(typ, tid)
+
+
+def _chat_template_ok(value: object) -> bool:
+    if value is None or isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
+    )
+
+
+def special_vocab(folder: Path, n_vocab: int, load_merges: bool = False) -> gguf.SpecialVocab:
+    """Special tokens and the chat template, from files first checked here, so that any fault is one
+    line naming its file."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json"):
+        data = read_json(folder / name, required=False) or {}
+        if not _chat_template_ok(data.get("chat_template")):
+            raise QuantizeError(f"{name}: chat_template is {shown(data.get('chat_template'))}, "
+                                "neither text nor a list of named templates")
+    text_config = (read_json(folder / "config.json", required=False) or {}).get("text_config")
+    if text_config is not None and not isinstance(text_config, dict):
+        raise QuantizeError(f"config.json: text_config is {shown(text_config)}, not an object")
+    for path in [folder / "chat_template.jinja", *sorted(folder.glob("additional_chat_templates/*.jinja"))]:
+        try:
+            if path.is_file():
+                path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise QuantizeError(f"{path.name} cannot be read as UTF-8 text: {shown(str(e))}") from None
+    try:
+        return _SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
+        # What is left: a structure gguf-py does not expect inside valid JSON (a post_processor that is
+        # a number, merges of an unknown format, a text_config that is a list).
+        raise QuantizeError(f"the tokenizer files in {folder.name} (tokenizer.json, tokenizer_config.json, config.json) "
+                            f"cannot be read: {type(e).__name__}: {shown(str(e))}") from None
+
+
 def _looks_special(text: str) -> bool:  # convert_hf_to_gguf's does_token_look_special
     return (
         text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
@@ -56,8 +121,8 @@ def _sentencepiece(folder: Path, vocab_size: int | None) -> Vocab:
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(folder / "tokenizer.model"))
-    except (OSError, RuntimeError) as e:
-        raise QuantizeError(f"tokenizer.model cannot be read: {e}") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        raise QuantizeError(f"tokenizer.model cannot be read: {shown(str(e), 160)}") from None
     n = vocab_size or sp.vocab_size()
     tokens: list[bytes | str] = [f"[PAD{i}]".encode() for i in range(n)]
     scores = [-10000.0] * n
@@ -74,26 +139,34 @@ def _sentencepiece(folder: Path, vocab_size: int | None) -> Vocab:
             kind = TokenType.BYTE
         tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode(), sp.GetScore(i), kind
 
-    added = folder / "added_tokens.json"
-    if added.is_file():
-        for text, i in json.loads(added.read_text(encoding="utf-8")).items():
-            if i < n:
-                tokens[i], scores[i], types[i] = text.encode(), -1000.0, TokenType.USER_DEFINED
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-        for key, data in decoder.items():
-            i, text = int(key), data["content"]
-            if i >= n:
-                continue
+    added = read_json(folder / "added_tokens.json", required=False) or {}
+    for text, i in added.items():
+        if _token_id(i, f"added_tokens.json: the id of {shown(text)}") < n:
+            tokens[i], scores[i], types[i] = text.encode(), -1000.0, TokenType.USER_DEFINED
+    for i, text, data in _added_tokens_decoder(folder):
+        if i < n:
             if data.get("special") or _looks_special(text):
                 types[i] = TokenType.CONTROL
             else:
                 text = text.replace("\u2581", " ")
                 types[i] = TokenType.USER_DEFINED
             tokens[i], scores[i] = text.encode(), -1000.0
-    special = gguf.SpecialVocab(folder, n_vocab=len(tokens))
-    return Vocab("llama", "default", tokens, [int(t) for t in types], scores, special)
+    _check_unique(tokens, "tokenizer.model with tokenizer_config.json")
+    return Vocab("llama", "default", tokens, [int(t) for t in types], scores, special_vocab(folder, len(tokens)))
+
+
+def _added_tokens_decoder(folder: Path) -> list[tuple[int, str, dict]]:
+    """tokenizer_config.json's added tokens as (id, text, entry), each checked."""
+    name = "tokenizer_config.json"
+    decoder = (read_json(folder / name, required=False) or {}).get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise QuantizeError(f"{name}: added_tokens_decoder is {shown(decoder)}, not an object")
+    out = []
+    for key, data in decoder.items():
+        if not key.isdecimal() or not isinstance(data, dict) or not isinstance(data.get("content"), str):
+            raise QuantizeError(f"{name}: added_tokens_decoder entry {shown(key)}: {shown(data)} is not a token id with its content")
+        out.append((_token_id(int(key), f"{name}: added_tokens_decoder key"), data["content"], data))
+    return out
 
 
 @cache
@@ -107,7 +180,10 @@ def bpe_pre_name(tokenizer_json: Path) -> str:
     from tokenizers import Tokenizer
 
     table = _pre_table()
-    ids = Tokenizer.from_file(str(tokenizer_json)).encode(table["chktxt"]).ids
+    try:
+        ids = Tokenizer.from_file(str(tokenizer_json)).encode(table["chktxt"]).ids
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception on a bad file
+        raise QuantizeError(f"{tokenizer_json.name} cannot be loaded: {shown(str(e).splitlines()[0] if str(e) else e, 160)}") from None
     digest = sha256(str(ids).encode()).hexdigest()
     if digest not in table["hashes"]:
         raise QuantizeError(
@@ -119,14 +195,15 @@ def bpe_pre_name(tokenizer_json: Path) -> str:
 
 def _bpe(folder: Path, vocab_size: int | None) -> Vocab:
     path = folder / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise QuantizeError(f"unsupported tokenizer type {model.get('type')!r} in tokenizer.json (need BPE or tokenizer.model)")
+    model, added = _bpe_model(read_json(path))
     reverse = {i: t for t, i in model["vocab"].items()}
-    added = {t["id"]: t for t in data.get("added_tokens", [])}
     reverse.update({i: t["content"] for i, t in added.items()})
-    n = max(vocab_size or 0, max(reverse) + 1)
+    if not reverse:
+        raise QuantizeError("tokenizer.json has no tokens")
+    top = max(reverse)
+    if vocab_size is not None and top >= vocab_size:  # the embedding has no row for it
+        raise QuantizeError(f"tokenizer.json has token id {top}, beyond vocab_size {vocab_size} in config.json")
+    n = max(vocab_size or 0, top + 1)
     tokens: list[bytes | str] = []
     types: list[int] = []
     for i in range(n):
@@ -144,10 +221,33 @@ def _bpe(folder: Path, vocab_size: int | None) -> Vocab:
         else:
             tokens.append(reverse[i])
             types.append(TokenType.NORMAL)
-    special = gguf.SpecialVocab(folder, load_merges=True)
+    _check_unique(tokens, "tokenizer.json")
+    special = special_vocab(folder, len(tokens), load_merges=True)
     if not special.merges:
         raise QuantizeError("tokenizer.json has no BPE merges")
     return Vocab("gpt2", bpe_pre_name(path), tokens, [int(t) for t in types], None, special)
+
+
+def _bpe_model(data: dict) -> tuple[dict, dict[int, dict]]:
+    """tokenizer.json's model (a BPE with a vocabulary of text -> id) and its added tokens by id, checked."""
+    model = data.get("model")
+    kind = model.get("type") if isinstance(model, dict) else model
+    if kind != "BPE":
+        raise QuantizeError(f"unsupported tokenizer type {shown(kind)} in tokenizer.json (need BPE or tokenizer.model)")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise QuantizeError(f"tokenizer.json: model.vocab is {shown(vocab)}, not an object")
+    for text, i in vocab.items():
+        _token_id(i, f"tokenizer.json: the id of {shown(text)}")
+    entries = data.get("added_tokens") or []
+    if not isinstance(entries, list) or not all(isinstance(t, dict) for t in entries):
+        raise QuantizeError(f"tokenizer.json: added_tokens is {shown(entries)}, not a list of tokens")
+    added = {}
+    for t in entries:
+        if not isinstance(t.get("content"), str):
+            raise QuantizeError(f"tokenizer.json: added token {shown(t)} has no text")
+        added[_token_id(t.get("id"), f"tokenizer.json: the id of added token {shown(t['content'])}")] = t
+    return model, added
 
 
 def load_vocab(folder: Path, vocab_size: int | None) -> Vocab:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import size
+from .common import size, threads
 
 TYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16")  # quantize.recipe.OUT_TYPES
 
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", default="Q4_K_M", type=str.upper, choices=TYPES, help="output type (default Q4_K_M)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when SRC is a repo id")
-    p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    p.add_argument("--threads", type=threads, default=None, help="quantization threads (default: all cores)")
     p.add_argument("--vram", type=size, metavar="SIZE", help="for the closing plan summary: GPU memory to plan for")
     p.add_argument("--ram", type=size, metavar="SIZE", help="for the closing plan summary: RAM to plan for")
 
@@ -39,10 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from quantize.convert import convert, default_name
     from quantize.hub import resolve
 
+    from ..errors import LocalmixError
     from ..paths import models_dir
+    from ..text import shown
     from ..units import fmt_bytes, fmt_duration
 
     err = Console(stderr=True)
+    if args.output == "":
+        raise LocalmixError("-o needs a file name")
     folder, source = resolve(args.src, args.revision)
     if args.output:
         out = Path(args.output).expanduser()
@@ -75,10 +79,14 @@ def run(args: argparse.Namespace) -> int:
     def on_bytes(n: int) -> None:
         progress.advance(task, n)
 
+    def on_stale(r) -> None:  # one line each; the space is the news
+        err.print(f"localmix quantize: removed a partial file left by an interrupted quantize (pid {r.pid}, "
+                  f"{fmt_bytes(r.size)}): {shown(r.path, 400)}", markup=False, highlight=False, soft_wrap=True)
+
     with progress:
         s = convert(
             folder, out, args.type, force=args.force, threads=args.threads, source=source,
-            on_start=on_start, on_tensor=on_tensor, on_bytes=on_bytes,
+            on_start=on_start, on_tensor=on_tensor, on_bytes=on_bytes, on_stale=on_stale,
         )
 
     con = Console()

@@ -162,3 +162,64 @@ def _match(model, new: dict) -> dict:
         else:
             raise KeyError(name)
     return out
+
+
+# ---- editing a checkpoint (for tests of hostile input) ------------------------------------------------
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """`src`'s files hard-linked into a new folder `dst` (copied across file systems): cheap to make
+    per case. Replace a file with `put` (unlink, then write), never edit one in place."""
+    import os
+
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        try:
+            os.link(p, dst / p.name)
+        except OSError:
+            shutil.copy2(p, dst / p.name)
+    return dst
+
+
+def put(path: Path, data: bytes | str) -> None:
+    """Replace a (possibly hard-linked) file, folder or link by a file with `data`."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def edit_json(path: Path, **changes) -> dict:
+    """Set keys of a JSON object file (a value of `...` removes the key); returns the new object."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    put(path, json.dumps(data, indent=1))
+    return data
+
+
+def read_shard(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header and data section."""
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_shard(path: Path, header: dict, data: bytes, *, length: int | None = None) -> None:
+    """A safetensors file from a header and a data section; `length` overrides the header's length field."""
+    import struct
+
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    put(path, struct.pack("<Q", len(text) if length is None else length) + text + data)
+
+
+def shard_of(folder: Path, tensor: str) -> Path:
+    """The shard file that holds `tensor`, by the index."""
+    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][tensor]

@@ -3,6 +3,7 @@ code runs; nothing leaves the machine. Split models are real split GGUFs (gguf-p
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,12 @@ def test_a_file_in_the_hugging_face_cache_is_linked_not_copied(hub, tiny_gguf):
     assert stored.is_symlink() and "hf" in str(stored.resolve())  # the only copy is in the Hugging Face cache
     r = run_cli("pull", "acme/tiny-mixtral-GGUF", "--force", env={**env(hub), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr  # offline, from the cache
+    # the Hugging Face cache entry is deleted: the link dangles; listed as broken, one line where it is named
+    shutil.rmtree(Path(os.environ["HF_HOME"]) / "hub" / "models--acme--tiny-mixtral-GGUF")
+    assert listed()["tiny-mixtral-Q4_K_M"]["error"].startswith("a link to a missing file (")
+    assert one_line_error(run_cli("info", "tiny-mixtral-Q4_K_M"), "tiny-mixtral-Q4_K_M: a link to a missing file")
+    r = run_cli("pull", "acme/tiny-mixtral-GGUF", env=env(hub))  # fetched again, in place of the link
+    assert r.returncode == 0 and not stored.is_symlink() and listed()["tiny-mixtral-Q4_K_M"]["error"] is None, r.stderr
 
 
 def test_pull_a_split_model_fetches_every_part(hub, q8_split):
@@ -121,11 +128,17 @@ def test_an_interrupted_split_pull_is_never_complete_and_resumes(hub, q8_split):
         end = time.time() + 60
         while time.time() < end and not any(p.stat().st_size >= DOWNLOAD_CHUNK_SIZE for p in store().glob(f".partial/{part2}.*")):
             time.sleep(0.1)
+        # while it runs: a second pull of the model is refused, a pull of another model leaves its files alone
+        live = sorted(store().glob(".partial/*.partial"))
+        r = run_cli("pull", "acme/tiny-mixtral-GGUF", "Q8_0", env=env(hub))
+        assert one_line_error(r, f"another localmix pull (pid {proc.pid}) is fetching tiny-mixtral-Q8_0"), r.stderr
+        assert run_cli("pull", "acme/tiny-mixtral-GGUF", "Q4_K_M", env=env(hub)).returncode == 0
+        assert sorted(store().glob(".partial/*.partial")) == live and len(live) == 2
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         hub.release.set()
-    assert "tiny-mixtral-Q8_0" not in listed() and not list(store().glob("*.gguf"))  # part 1 is done, but not linked
+    assert "tiny-mixtral-Q8_0" not in listed() and not list(store().glob("*Q8_0*.gguf"))  # part 1 is done, but not linked
     r = run_cli("plan", "acme/tiny-mixtral-GGUF:Q8_0", env=env(hub), stdin=subprocess.DEVNULL)
     assert one_line_error(r, "is not in the store; fetch it with: localmix pull acme/tiny-mixtral-GGUF Q8_0")
 
@@ -135,6 +148,7 @@ def test_an_interrupted_split_pull_is_never_complete_and_resumes(hub, q8_split):
     assert ranges and ranges[-1] == f"bytes={DOWNLOAD_CHUNK_SIZE}-"
     assert [p.read_bytes() for p in sorted(store().glob("tiny-mixtral-Q8_0-*.gguf"))] == [p.read_bytes() for p in q8_split]
     assert listed()["tiny-mixtral-Q8_0"]["error"] is None
+    assert not os.listdir(store() / ".partial")  # the killed pull's lock is gone too
 
 
 def test_a_dropped_connection_resumes(hub, tiny_gguf):
@@ -193,3 +207,43 @@ def test_pull_a_safetensors_repo_quantizes_it(tiny):
         assert r.returncode == 0, r.stderr
     stored = store() / "acme--tiny-mixtral-Q4_K_M.gguf"
     assert metadata(stored)["general.source.huggingface.repository"] == "acme/tiny-mixtral"
+
+
+def test_partial_files_of_pulls_that_no_longer_run_are_removed(hub):
+    partials = store() / ".partial"
+    partials.mkdir(parents=True)
+    old = partials / "gone-Q8_0.gguf.0123456789abcdef.partial"  # nobody resumed it for a month
+    old.write_bytes(b"x" * 1000)
+    month_ago = time.time() - 30 * 86400
+    os.utime(old, (month_ago, month_ago))
+    fresh = partials / "other-Q8_0.gguf.0123456789abcdef.partial"  # may be resumed: kept
+    fresh.write_bytes(b"y" * 10)
+    superseded = partials / "tiny-mixtral-Q4_K_M.gguf.ffffffffffffffff.partial"  # the hub's file changed since
+    superseded.write_bytes(b"z" * 10)
+    (partials / "gone-Q8_0.lock").write_text("4194311")  # the lock of a pull that was killed
+    (store() / ".tiny-mixtral-Q4_K_M.gguf.4194311.link").symlink_to("nowhere")  # a link it was making
+    r = run_cli("pull", "acme/tiny-mixtral-GGUF", env=env(hub))
+    assert r.returncode == 0, r.stderr
+    assert "removed 3 partial download file(s) left by pulls that no longer run" in r.stdout
+    assert os.listdir(partials) == [fresh.name] and sorted(os.listdir(store())) == [".partial", "tiny-mixtral-Q4_K_M.gguf"]
+    assert set(listed()) == {"tiny-mixtral-Q4_K_M"}
+    table = run_cli("list")
+    assert "1 partial download(s)" in table.stdout and "other-Q8_0" not in table.stdout
+    # rm removes the model's own partial files
+    (partials / "tiny-mixtral-Q4_K_M.gguf.0000000000000000.partial").write_bytes(b"z")
+    r = run_cli("rm", "tiny-mixtral-Q4_K_M", "--yes")
+    assert r.returncode == 0 and "removed 1 partial download file(s) of tiny-mixtral-Q4_K_M" in r.stdout, r.stdout
+    assert os.listdir(partials) == [fresh.name]
+
+
+def test_files_and_folders_where_pull_needs_the_other_are_one_line(hub):
+    store().mkdir(parents=True)
+    (store() / ".partial").write_text("a file where the folder of partial downloads goes")
+    r = run_cli("pull", "acme/tiny-mixtral-GGUF", env=env(hub))
+    assert one_line_error(r, "the folder of partial downloads") and "is not a folder" in r.stderr, r.stderr
+    (store() / ".partial").unlink()
+    (store() / "tiny-mixtral-Q4_K_M.gguf").mkdir()
+    (store() / "tiny-mixtral-Q4_K_M.gguf" / "notes.txt").write_text("the user's")
+    r = run_cli("pull", "acme/tiny-mixtral-GGUF", env=env(hub))
+    assert one_line_error(r, "tiny-mixtral-Q4_K_M.gguf is a folder; move it out of the store"), r.stderr
+    assert (store() / "tiny-mixtral-Q4_K_M.gguf" / "notes.txt").exists()

@@ -23,7 +23,8 @@ def describe(path: Path) -> str:
     from ..text import shown
 
     if path.is_symlink():
-        return f"{shown(path, 1000)} (a link to {shown(os.readlink(path), 1000)}, which stays)"
+        stays = ", which stays" if path.exists() else ""
+        return f"{shown(path, 1000)} (a link to {shown(os.readlink(path), 1000)}{stays})"
     if path.is_dir():
         return f"{shown(path, 1000)} (an empty folder)"
     return shown(path, 1000)

@@ -188,8 +188,9 @@ def _link(source: Path, target: Path) -> None:
 # Partial downloads: `.partial/TARGET.DIGEST.partial`, resumed by the next pull of the same file. A pull
 # holds `.partial/NAME.lock` (an flock, with its PID inside for messages) for as long as it runs, so a
 # second pull of NAME is refused instead of writing into the same file, and cleaning skips NAME's files.
-# A partial whose model nobody is pulling is removed when it is superseded (the hub's file changed), when
-# its model is removed (`rm`), or once nobody resumed it for STALE_AFTER.
+# A partial file is removed once its model is complete in the store (what the pull did not resume was
+# superseded: the hub's file changed), when its model is removed (`rm`), or, when nobody is pulling its
+# model, once nobody resumed it for STALE_AFTER.
 PARTIAL_DIR = ".partial"
 STALE_AFTER = 7 * 86400
 LINK_TMP = re.compile(r"^\..+\.(\d+)\.link$")  # `_link`'s temporary name, with the PID of its pull
@@ -247,6 +248,7 @@ def pulling(store: Path, name: str):
     if fd is None:
         raise LocalmixError(f"another localmix pull{_holder(path)} is fetching {shown(name)}; wait for it to finish, or stop it")
     try:
+        os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
     finally:
@@ -287,11 +289,14 @@ def clean_partials(store: Path, holding: str | None = None, drop: str | None = N
             removed += _remove(files if owner == drop else [])
             continue
         lock_path = folder / f"{owner}.lock"
-        fd = _lock(lock_path)
+        try:
+            fd = _lock(lock_path)
+        except OSError:  # a folder we may not write: nothing is removed from it either
+            continue
         if fd is None:  # being pulled now
             continue
         try:
-            removed += _remove([p for p in files if owner == drop or now - p.stat().st_mtime > STALE_AFTER])
+            removed += _remove([p for p in files if owner == drop or now - _mtime(p, now) > STALE_AFTER])
         finally:
             _unlock(fd, lock_path)
     try:
@@ -299,6 +304,13 @@ def clean_partials(store: Path, holding: str | None = None, drop: str | None = N
     except OSError:
         links = []
     return removed + _remove([store / n for n in links])
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return default
 
 
 def _remove(paths: list[Path]) -> list[tuple[Path, int]]:

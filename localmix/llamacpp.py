@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from .errors import ModelFileError
+from .text import shown
+
 GGML_DEVICE_TYPE_CPU, GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU = 0, 1, 2
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # --kv-type -> ggml_type id for type_k / type_v
 
@@ -101,15 +104,29 @@ def _model_params(overrides, progress_cb):
             C.llama_model_default_params = original
 
 
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5
+
+
 @contextmanager
-def _captured_log(lines: list[str], echo: bool):
-    """llama.cpp's log (all levels) into `lines` while the block runs; echoed to stderr when asked."""
+def _captured_log(lines: list[str], echo: bool, errors: list[str] | None = None):
+    """llama.cpp's log (all levels) into `lines` while the block runs, its error messages also into
+    `errors`; echoed to stderr when asked."""
     import llama_cpp
     from llama_cpp import _logger
+
+    last_level = [0]
 
     def on_log(level, text, _user):
         line = text.decode(errors="replace")
         lines.append(line)
+        cont = level == GGML_LOG_LEVEL_CONT
+        level = last_level[0] if cont else level
+        last_level[0] = level
+        if errors is not None and level == GGML_LOG_LEVEL_ERROR:  # one entry per message, continuations joined
+            if cont and errors:
+                errors[-1] += line
+            else:
+                errors.append(line)
         if echo:
             print(line, end="", file=sys.stderr, flush=True)
 
@@ -119,6 +136,46 @@ def _captured_log(lines: list[str], echo: bool):
         yield
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+@contextmanager
+def _no_chat_formatter():
+    """Llama() compiles the GGUF's chat template for llama-cpp-python's own chat API, which localmix does
+    not use, in a Jinja environment without limits: a template that does not compile raised there, and
+    one that folds `9**(9**9)` as a constant hung there. localmix renders templates itself, under limits
+    (localmix.prompt.template), so Llama() is given a formatter that compiles nothing."""
+    from llama_cpp import llama_chat_format
+
+    class Unused:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def to_chat_handler(self):
+            return None
+
+    original = llama_chat_format.Jinja2ChatFormatter
+    llama_chat_format.Jinja2ChatFormatter = Unused
+    try:
+        yield
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = original
+
+
+# llama.cpp's closing lines, which say only that the load failed: the reason is in an earlier one.
+_GENERIC = ("failed to load model", "failed to read tensor data", "failed to load vocabulary")
+
+
+def load_error(path: str | Path, errors: list[str], exc: Exception) -> ModelFileError:
+    """One line for a file llama.cpp refused: its own last error message that says why ("error loading
+    model: ..." with the function names cut; text from the file in it shown escaped), else what
+    llama-cpp-python raised."""
+    messages = [x.strip() for x in errors if x.strip()]
+    why = [x for x in messages if not any(g in x.lower() for g in _GENERIC)]
+    reason = why[-1] if why else str(exc)
+    reason = reason.split("error loading model: ", 1)[-1]
+    while len(m := reason.split(": ", 1)) == 2 and m[0].isidentifier() and "_" in m[0]:  # "check_tensor_dims: x"
+        reason = m[1]
+    return ModelFileError(f"llama.cpp could not load {shown(path, 500)}: {shown(' '.join(reason.split()), 300)}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +202,7 @@ class Engine:
              progress: Callable[[float], None] | None = None, verbose: bool = False) -> Engine:
         """Load with every layer up to n_gpu_layers offloaded and the tensors matching `cpu_patterns`
         (std::regex_search) pinned to host memory, as `-ngl N -ot PATTERN=CPU` do. ValueError or
-        RuntimeError when llama.cpp refuses the file."""
+        ModelFileError, with llama.cpp's own reason, when it refuses the file."""
         import llama_cpp
 
         overrides = None
@@ -164,12 +221,16 @@ class Engine:
 
         progress_cb = llama_cpp.llama_progress_callback(on_progress)
         log: list[str] = []
-        with _model_params(overrides, progress_cb), _captured_log(log, verbose):
-            llm = llama_cpp.Llama(
-                str(path), n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=batch, n_ubatch=batch,
-                n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
-                type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=verbose,
-            )
+        errors: list[str] = []
+        with _model_params(overrides, progress_cb), _captured_log(log, verbose, errors), _no_chat_formatter():
+            try:
+                llm = llama_cpp.Llama(
+                    str(path), n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=batch, n_ubatch=batch,
+                    n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
+                    type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=verbose,
+                )
+            except (ValueError, RuntimeError) as e:  # llama-cpp-python's way of saying the load failed
+                raise load_error(path, errors, e) from None
         return cls(llm, (overrides, keep, progress_cb), log)
 
     @classmethod
@@ -178,14 +239,29 @@ class Engine:
         import llama_cpp
 
         log: list[str] = []
-        with _captured_log(log, False):
-            return cls(llama_cpp.Llama(str(path), vocab_only=True, verbose=False), (), log)
+        errors: list[str] = []
+        with _captured_log(log, False, errors), _no_chat_formatter():
+            try:
+                return cls(llama_cpp.Llama(str(path), vocab_only=True, verbose=False), (), log)
+            except (ValueError, RuntimeError) as e:
+                raise load_error(path, errors, e) from None
 
     # -- vocabulary ---------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """No BOS is added; `special`: control tokens written as text become their ids."""
-        return self.llm.tokenize(text.encode(), add_bos=False, special=special)
+        """No BOS is added; `special`: control tokens written as text become their ids. (Not Llama.tokenize,
+        which allocates a buffer of the model's whole trained context for every call: gigabytes for a
+        file that claims a context of 2^31.)"""
+        import llama_cpp
+
+        data = text.encode()
+        size = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.llm._model.vocab, data, len(data), buf, size, False, special)
+            if n >= 0:
+                return buf[:n]
+            size = -n  # llama.cpp returns the size it needs, negated
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token (`special`: control tokens as their text, else as nothing)."""

@@ -1,6 +1,8 @@
 """What the planner and the prompt need to know about a model: its hyper-parameters, its tensor table
 with each tensor's role for placement, and how to format a conversation for it. Pure data, made from a
-ModelFile (or, in tests, from tables of real shapes without any file)."""
+ModelFile (or, in tests, from tables of real shapes without any file). The ModelFile's header has been
+checked (localmix/validate.py): the keys read here have their types and agree with the tensors. The
+model's name is kept as it may be shown (text.shown: no control characters, bounded)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from .errors import ModelFileError
 from .modelfile import ModelFile, open_model_file
 from .prompt import PromptFormat
 from .prompt.mistral import CONTROL
+from .text import shown
 
 # Roles a tensor plays for placement. `expert`: one of a layer's stacked expert tensors (only
 # n_expert_used / n_expert of it is read per token); `embed`: the input embedding, which llama.cpp
@@ -70,7 +73,7 @@ class ModelInfo:
 
     def read_fraction(self, t: Tensor) -> float:
         """Share of a tensor read for one token of decode."""
-        if t.role == "expert":
+        if t.role == "expert" and self.n_expert:
             return self.n_expert_used / self.n_expert
         if t.role == "embed":
             return 0.0  # one row
@@ -91,51 +94,58 @@ def layer_of(name: str) -> int:
 
 
 def model_info(mf: ModelFile) -> ModelInfo:
+    try:
+        return _model_info(mf)
+    except (TypeError, ValueError, OverflowError):  # a ModelFile made without open_model_file's checks
+        arch = shown(mf.kv.get("general.architecture", "?"), 40)
+        raise ModelFileError(f"{mf.path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None
+
+
+def _model_info(mf: ModelFile) -> ModelInfo:
     kv = mf.kv
     arch = str(kv.get("general.architecture", "?"))
 
     def a(key, default=None):
         return kv.get(f"{arch}.{key}", default)
 
-    n_head = int(a("attention.head_count", 0) or 0)
-    n_embd = int(a("embedding_length", 0) or 0)
-    head_kv = a("attention.head_count_kv", n_head)
-    if isinstance(head_kv, list):
-        head_kv = max(head_kv)
-    tokens = kv.get("tokenizer.ggml.tokens") or []
+    def most(key, default=0) -> int:  # a per-layer key (a list) as its largest value: what sizes memory
+        value = a(key, default)
+        return max(value, default=0) if isinstance(value, list) else int(value or 0)
+
+    n_head = most("attention.head_count")
+    n_embd = most("embedding_length")
+    tokens = kv.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else []
 
     def token_text(key: str) -> str:
         i = kv.get(key)
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
 
-    try:
-        return ModelInfo(
-            path=str(mf.path),
-            arch=arch,
-            n_layer=int(a("block_count")),
-            n_embd=n_embd,
-            n_head=n_head,
-            n_head_kv=int(head_kv),
-            head_dim=int(a("attention.key_length", 0) or (n_embd // n_head if n_head else 0)),
-            n_ff=int(a("feed_forward_length", 0) or 0),
-            n_expert=int(a("expert_count", 0) or 0),
-            n_expert_used=int(a("expert_used_count", 0) or 0),
-            n_ctx_train=int(a("context_length", 4096) or 4096),
-            n_vocab=len(tokens) or int(a("vocab_size", 0) or 0),
-            tensors=tuple(Tensor(e.name, e.nbytes, layer_of(e.name), role(e.name), e.type.name, e.n_elements, e.part)
-                          for e in mf.tensors),
-            name=str(kv.get("general.name", mf.name)),
-            file_type=_file_type_name(kv.get("general.file_type")),
-            prompt=PromptFormat(
-                template=kv.get("tokenizer.chat_template"),
-                bos=token_text("tokenizer.ggml.bos_token_id"),
-                eos=token_text("tokenizer.ggml.eos_token_id"),
-                add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", kv.get("tokenizer.ggml.model") == "llama")),
-                native_tools=set(CONTROL) <= set(tokens),
-            ),
-        )
-    except (TypeError, ValueError):
-        raise ModelFileError(f"{mf.path}: GGUF metadata lacks the model's shape ({arch}.block_count)") from None
+    return ModelInfo(
+        path=str(mf.path),
+        arch=arch,
+        n_layer=int(a("block_count")),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=most("attention.head_count_kv", n_head),
+        head_dim=int(a("attention.key_length", 0) or (n_embd // n_head if n_head else 0)),
+        n_ff=most("feed_forward_length"),
+        n_expert=int(a("expert_count", 0) or 0),
+        n_expert_used=int(a("expert_used_count", 0) or 0),
+        n_ctx_train=int(a("context_length", 4096) or 4096),
+        n_vocab=len(tokens) or int(a("vocab_size", 0) or 0),
+        tensors=tuple(Tensor(e.name, e.nbytes, layer_of(e.name), role(e.name), e.type.name, e.n_elements, e.part)
+                      for e in mf.tensors),
+        name=shown(kv.get("general.name") or mf.name),
+        file_type=_file_type_name(kv.get("general.file_type")),
+        prompt=PromptFormat(
+            template=kv.get("tokenizer.chat_template"),
+            bos=token_text("tokenizer.ggml.bos_token_id"),
+            eos=token_text("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", kv.get("tokenizer.ggml.model") == "llama")),
+            native_tools=set(CONTROL) <= set(tokens),
+        ),
+    )
 
 
 def read_model_info(path) -> ModelInfo:

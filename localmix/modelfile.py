@@ -9,8 +9,11 @@ its part. What comes out is the merged header: part 1's metadata and the tensors
 with its part and offset.
 
 The reader is ours rather than gguf's GGUFReader, which builds numpy views for every array element
-(seconds for a 50k-token vocabulary); every length is checked against the file size, so a truncated or
-corrupt file is reported before llama.cpp is asked to load it.
+(seconds for a 50k-token vocabulary). The file is untrusted: every count and length is checked against
+the bytes left before anything is read or allocated for it, and the header is held to what llama.cpp's
+own reader (ggml/src/gguf.cpp) accepts: known types, unique keys and tensor names, names within
+GGML_MAX_NAME, tensor data laid out in order within the file. Then validate.check holds the metadata to
+the tensor shapes. So a damaged or hostile file is one line here, never a crash inside llama.cpp.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ModelFileError
+from .text import shown
+from .validate import Metadata, Skipped, check
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
@@ -31,7 +36,13 @@ SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
-# Arrays whose values nobody here reads are skipped, not decoded.
+# The fewest bytes one element of each type takes: a count is checked against the bytes left with these
+# before a loop runs over it (a 40-byte file cannot hold a billion strings).
+_MIN_SIZE = {**{t: struct.calcsize(f) for t, f in _SCALARS.items()}, STRING: 8, ARRAY: 12}
+MAX_NAME = 63  # GGML_MAX_NAME - 1: llama.cpp's longest tensor name
+MAX_KEY = 65535  # the GGUF spec's longest key
+MAX_ALIGNMENT = 1 << 20
+# Arrays whose values nobody here reads are skipped, not decoded (their type and length are kept).
 SKIP_ARRAYS = {"tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}
 
 
@@ -96,12 +107,19 @@ class _Cursor:
         self.pos += n
         return at
 
+    def room_for(self, n: int, vtype: int, what: str) -> None:
+        """n elements of vtype can fit in what is left of the file (checked before a loop over them)."""
+        if n * _MIN_SIZE.get(vtype, 1) > self.size - self.pos:
+            raise ModelFileError(f"corrupt GGUF header: {what} claims {n:,} elements, more than the file can hold")
+
     def unpack(self, fmt: str):
         at = self.take(struct.calcsize(fmt))
         return struct.unpack_from(fmt, self.buf, at)[0]
 
-    def string(self) -> str:
+    def string(self, limit: int | None = None, what: str = "") -> str:
         n = self.unpack("<Q")
+        if limit is not None and n > limit:
+            raise ModelFileError(f"corrupt GGUF header: a {what} of {n:,} bytes (at most {limit:,})")
         at = self.take(n)
         return bytes(self.buf[at : at + n]).decode("utf-8", errors="replace")
 
@@ -112,13 +130,16 @@ class _Cursor:
             return self.string()
         if vtype == ARRAY:
             etype, n = self.unpack("<I"), self.unpack("<Q")
+            if etype == ARRAY or (etype not in _SCALARS and etype != STRING):
+                raise ModelFileError(f"corrupt GGUF header: {shown(key, 80)} is an array of type {etype}")
+            self.room_for(n, etype, shown(key, 80))
             if key in SKIP_ARRAYS and etype in _SCALARS:
                 self.take(n * struct.calcsize(_SCALARS[etype]))
-                return None
+                return Skipped(etype, n)
             if key in SKIP_ARRAYS:
                 for _ in range(n):
-                    self.value(etype)
-                return None
+                    self.take(self.unpack("<Q"))
+                return Skipped(etype, n)
             return [self.value(etype) for _ in range(n)]
         raise ModelFileError(f"corrupt GGUF header: unknown value type {vtype}")
 
@@ -137,39 +158,67 @@ def read_part(path: Path, part: int = 0) -> tuple[dict, list[TensorEntry]]:
         version, n_tensors, n_kv = c.unpack("<I"), c.unpack("<Q"), c.unpack("<Q")
         if version not in (2, 3):
             raise ModelFileError(f"unsupported GGUF version {version}")
-        if n_tensors > 1 << 20 or n_kv > 1 << 20:
-            raise ModelFileError("corrupt GGUF header")
-        kv = {}
+        # Each key takes at least 13 bytes (length, type, a one-byte value), each tensor 24.
+        if n_tensors > 1 << 20 or n_kv > 1 << 20 or 13 * n_kv + 24 * n_tensors > size:
+            raise ModelFileError(f"truncated or corrupt GGUF header: {n_kv:,} keys and {n_tensors:,} tensors cannot fit in {size:,} bytes")
+        kv = Metadata()
         for _ in range(n_kv):
-            key = c.string()
-            kv[key] = c.value(c.unpack("<I"), key)
+            key = c.string(MAX_KEY, "key")
+            if key in kv:
+                raise ModelFileError(f"corrupt GGUF header: key {shown(key, 80)} is there twice")
+            vtype = c.unpack("<I")
+            etype = struct.unpack_from("<I", buf, c.pos)[0] if vtype == ARRAY and c.pos + 4 <= size else None
+            kv[key] = c.value(vtype, key)
+            kv.types[key] = (vtype, etype)
         raw = []
         for _ in range(n_tensors):
-            name = c.string()
+            name = c.string(MAX_NAME, "tensor name")
             n_dims = c.unpack("<I")
-            if n_dims > 4:
-                raise ModelFileError(f"corrupt GGUF header: tensor {name} has {n_dims} dimensions")
+            if not 1 <= n_dims <= 4:
+                raise ModelFileError(f"corrupt GGUF header: tensor {shown(name)} has {n_dims} dimensions")
             shape = tuple(c.unpack("<Q") for _ in range(n_dims))
             ttype, offset = c.unpack("<I"), c.unpack("<Q")
             raw.append((name, shape, ttype, offset))
-        align = int(kv.get("general.alignment", 32))
+        align = _alignment(kv.get("general.alignment", 32))
         data_start = -(-c.pos // align) * align
-    tensors = []
+    return kv, _tensors(raw, part, data_start, align, size)
+
+
+def _alignment(value) -> int:
+    # At least 32: llama.cpp maps tensor data in place and aborts on data less aligned than that.
+    if not isinstance(value, int) or isinstance(value, bool) or not 32 <= value <= MAX_ALIGNMENT or value & (value - 1):
+        raise ModelFileError(f"general.alignment is {shown(value, 40)}: not a power of two from 32 to {MAX_ALIGNMENT:,}")
+    return value
+
+
+def _tensors(raw: list, part: int, data_start: int, align: int, size: int) -> list[TensorEntry]:
+    """The tensor table checked as llama.cpp's gguf reader checks it: known types, whole blocks per row,
+    unique names, and each tensor's data where the previous one's (padded) ends, within the file."""
+    tensors, names, expected = [], set(), 0
     for name, shape, ttype, offset in raw:
         try:
             t = GGMLQuantizationType(ttype)
             block, type_size = GGML_QUANT_SIZES[t]
         except (ValueError, KeyError):
-            raise ModelFileError(f"tensor {name} has unknown type {ttype}") from None
-        rows = 1
-        for d in shape[1:]:
-            rows *= d
-        nbytes = rows * (shape[0] // block) * type_size if shape else 0
+            raise ModelFileError(f"tensor {shown(name)} has unknown type {ttype}") from None
+        if name in names:
+            raise ModelFileError(f"tensor {shown(name)} is there twice")
+        names.add(name)
+        n = 1
+        for d in shape:
+            n *= d
+        if not n or n > size * 256 or shape[0] % block:  # 256: the most elements a byte holds (1-bit types, sparse)
+            raise ModelFileError(f"tensor {shown(name)} has shape {list(shape)}, impossible for type {t.name}")
+        nbytes = n // block * type_size
+        if offset != expected:
+            raise ModelFileError(f"damaged GGUF tensor table: tensor {shown(name)}'s data is at offset {offset:,}, "
+                                 f"where the tensors before it end at {expected:,}")
+        expected += -(-nbytes // align) * align
         entry = TensorEntry(name, shape, t, part, data_start + offset, nbytes)
         if entry.offset + nbytes > size:
-            raise ModelFileError(f"truncated GGUF file (tensor {name} ends past the end of the file)")
+            raise ModelFileError(f"truncated GGUF file (tensor {shown(name)} ends past the end of the file)")
         tensors.append(entry)
-    return kv, tensors
+    return tensors
 
 
 def _count(kv: dict, key: str, default: int) -> int:
@@ -197,7 +246,7 @@ def open_model_file(path: str | Path) -> ModelFile:
         raise ModelFileError(f"{path}: {e}") from None
     count = _count(kv, SPLIT_COUNT, 1)
     if count <= 1:
-        return ModelFile(path, (path,), kv, tuple(tensors))
+        return _checked(ModelFile(path, (path,), kv, tuple(tensors)))
 
     if not split or split[2] != count:
         raise ModelFileError(f"{path}: part 1 of a model split in {count} parts, but its name is not "
@@ -227,4 +276,12 @@ def open_model_file(path: str | Path) -> ModelFile:
     if expected != len(tensors):
         raise ModelFileError(f"{path}: the {count} parts hold {len(tensors)} tensors, part 1 says {expected}: "
                              "a part belongs to another model")
-    return ModelFile(path, tuple(parts), kv, tuple(tensors))
+    return _checked(ModelFile(path, tuple(parts), kv, tuple(tensors)))
+
+
+def _checked(mf: ModelFile) -> ModelFile:
+    try:
+        check(mf.kv, mf.tensors)
+    except ModelFileError as e:
+        raise ModelFileError(f"{mf.path}: {e}") from None
+    return mf

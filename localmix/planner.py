@@ -209,7 +209,7 @@ def _no_fit_message(m: ModelInfo, b: Budget, ctx: int, kv_type: str, p: Plan) ->
         if kv_type == "f16":
             hints.append("--kv-type q8_0")
     bpw = m.weight_bytes * 8 / max(1, sum(t.n_elements for t in m.tensors))
-    target_bpw = bpw * (1 - need / m.weight_bytes)
+    target_bpw = bpw * (1 - need / max(1, m.weight_bytes))
     if target_bpw > 2.5:
         hints.append(f"a smaller quantization (about {target_bpw:.1f} bits per weight instead of {bpw:.1f})")
     hint = "; try " + " or ".join(hints) if hints else "; it needs a machine with more memory"

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Module (or package prefix) -> layer, lowest first. ARCHITECTURE.md shows the same table.
 LAYERS = {
     "quantize": 0,
-    "localmix.errors": 1, "localmix.units": 1, "localmix.paths": 1, "localmix.llamacpp": 1,
-    "localmix.modelfile": 2, "localmix.prompt": 2,
+    "localmix.errors": 1, "localmix.units": 1, "localmix.paths": 1, "localmix.text": 1, "localmix.llamacpp": 1,
+    "localmix.modelfile": 2, "localmix.validate": 2, "localmix.prompt": 2,
     "localmix.model_info": 3,
     "localmix.hardware": 4, "localmix.planner": 4,
     "localmix.describe": 5, "localmix.backends": 5, "localmix.tools": 5, "localmix.store": 5,

@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(d, indent=1))
         return 0
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+
+    from ..text import markup
 
     con = Console()
     experts = (f"{d['experts']} experts, top-{d['experts_used']} ({d['expert_bytes'] / GiB:.1f} GiB of experts)"
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                  ("experts", experts), ("context", str(d["context"])),
                  ("tokenizer", f"{d['tokenizer']}, {d['vocabulary']} tokens"), ("tools", d["tools"]),
                  ("source", d["source"] or "-"), ("this machine", d["this_machine"])):
-        t.add_row(k, escape(str(v)))
+        t.add_row(k, markup(v, 1000))  # names, paths and metadata come from the file: shown, never markup
     con.print(t)
     types = Table(title="Tensor types", title_justify="left")
     types.add_column("type")
@@ -80,6 +81,5 @@ def run(args: argparse.Namespace) -> int:
     con.print(types)
     if d["chat_template"]:
         first = d["chat_template"].strip().splitlines()[0] if d["chat_template"].strip() else ""
-        con.print(f"[bold]chat template[/] ({len(d['chat_template'])} characters): "
-                  f"{escape(first[:100])}{'…' if len(first) > 100 else ''}")
+        con.print(f"[bold]chat template[/] ({len(d['chat_template']):,} characters): {markup(first, 100)}")
     return 0

@@ -64,11 +64,11 @@ def measured_line(hw) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     from ..describe import layer_rows
     from ..planner import llama_args
+    from ..text import markup
     from .common import planned
 
     p = planned(args)
@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     con = Console()
     moe = f"{info.n_expert} experts, top-{info.n_expert_used}" if info.is_moe else "dense"
     parts = f" · {len(p.model.parts)} files" if len(p.model.parts) > 1 else ""
-    con.print(f"[bold]{escape(info.name)}[/] {escape(info.file_type)} · {info.weight_bytes / GiB:.1f} GiB{parts} · "
+    con.print(f"[bold]{markup(info.name, 1000)}[/] {markup(info.file_type)} · {info.weight_bytes / GiB:.1f} GiB{parts} · "
               f"{info.n_layer} layers · {moe}")
-    gpu = ", ".join(f"{escape(g.name)} ({g.free / GiB:.1f} of {g.total / GiB:.1f} GiB free)" for g in hw.gpus) or "no GPU"
+    gpu = ", ".join(f"{markup(g.name)} ({g.free / GiB:.1f} of {g.total / GiB:.1f} GiB free)" for g in hw.gpus) or "no GPU"
     con.print(f"Machine: {gpu} · RAM {hw.ram_available / GiB:.1f} of {hw.ram_total / GiB:.1f} GiB free · "
               f"{hw.cores} cores · {measured_line(hw)}")
     con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB · context {p.ctx} ({p.kv_type} KV cache)")

@@ -104,7 +104,7 @@ def _value(value: object) -> str:
         inner = ", ".join(_value(v) for v in value[:4])
         return f"[{inner}{', ...' if len(value) > 4 else ''}] (a list of {len(value)})" if len(value) > 4 else f"[{inner}]"
     if isinstance(value, str):
-        return repr(shown(value, 60))
+        return f"'{shown(value, 60)}'"
     return shown(value, 60)
 
 
@@ -280,7 +280,7 @@ def _vocabulary(kv: dict, arch: str, shapes: dict) -> int:
         if len(set(tokens)) != n_vocab:
             seen: set[str] = set()
             dup = next(t for t in tokens if t in seen or seen.add(t))
-            raise ModelFileError(f"tokenizer.ggml.tokens has {shown(dup, 60)!r} twice: llama.cpp aborts on a duplicate token")
+            raise ModelFileError(f"tokenizer.ggml.tokens has '{shown(dup, 60)}' twice: llama.cpp aborts on a duplicate token")
         for key, types, name in (("tokenizer.ggml.scores", (GGUF_F32,), "32-bit floats"),
                                  ("tokenizer.ggml.token_type", (GGUF_I32, GGUF_U32), "32-bit integers")):
             v = kv.get(key)

@@ -10,10 +10,11 @@ import pytest
 from localmix import prompt
 from localmix.backends import Done, Sampling, Text
 from localmix.backends.llama import LlamaBackend
-from localmix.errors import ContextFull
+from localmix.errors import ContextFull, ModelFileError
 from localmix.model_info import read_model_info
 from localmix.planner import Budget, plan
 from localmix.units import GiB
+from tests.support.ggufs import base_model, serialise
 from tests.support.llm import greedy
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -111,3 +112,19 @@ def test_measure(tiny_gguf):
         assert speed.prefill_tps > 0 and speed.decode_tps > 0
     finally:
         b.close()
+
+
+def test_a_file_llama_cpp_refuses_says_why(tmp_path):
+    """A header that passes localmix's checks but not llama.cpp's (a tensor shape localmix does not
+    check): the load fails with llama.cpp's own reason in one line, not "Failed to load model"."""
+    m = base_model()
+    t = next(t for t in m.tensors if t.name == "blk.0.attn_v.weight")
+    t.shape, t.data = [32, 8], bytes(2 * 32 * 8)
+    path = tmp_path / "v.gguf"
+    path.write_bytes(serialise(m))
+    b, _ = loaded(path, ctx=256)
+    with pytest.raises(ModelFileError) as e:
+        b.load()
+    line = str(e.value)
+    assert line.startswith(f"llama.cpp could not load {path}: ") and "\n" not in line
+    assert "tensor 'blk.0.attn_v.weight' has wrong shape; expected 32, 16, got 32, 8" in line

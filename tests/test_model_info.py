@@ -1,6 +1,7 @@
 """What the planner and the prompt read from a model file."""
 
 from localmix.model_info import layer_of, read_model_info, role
+from tests.support.ggufs import ARR, I32, base_model, serialise
 
 
 def test_roles_and_layers():
@@ -31,3 +32,18 @@ def test_split_file_has_the_parts_of_each_tensor(tiny_split):
 def test_bpe_chatml_file(smol):
     fmt = read_model_info(smol).prompt
     assert not fmt.native_tools and "<|im_start|>" in fmt.template and fmt.eos == "<|im_end|>"
+
+
+def test_hand_written_file_with_per_layer_heads_and_a_hostile_name(tmp_path):
+    m = base_model()
+    m.get("general.name").value = "\x1b]0;x\x07" + "n" * 1000
+    m.get("llama.attention.head_count_kv").type, m.get("llama.attention.head_count_kv").value = ARR, [1, 2]
+    m.get("llama.attention.head_count_kv").sub = I32
+    for t in m.tensors:  # layer 0 with one key/value head
+        if t.name in ("blk.0.attn_k.weight", "blk.0.attn_v.weight"):
+            t.shape, t.data = [32, 8], bytes(2 * 32 * 8)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(serialise(m))
+    info = read_model_info(path)
+    assert info.n_head_kv == 2  # the largest: what sizes the KV cache
+    assert info.name.startswith("\\x1b]0;x\\x07nnn") and info.name.endswith("(1,006 characters)") and "\x1b" not in info.name

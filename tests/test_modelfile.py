@@ -2,6 +2,7 @@
 llama-gguf-split writes), read as one model and checked part by part."""
 
 import shutil
+import time
 from pathlib import Path
 
 import gguf
@@ -10,7 +11,7 @@ import pytest
 
 from localmix.errors import ModelFileError
 from localmix.modelfile import model_name, open_model_file, parse_split_name, read_part, split_name
-from tests.support.ggufs import split_copy
+from tests.support.ggufs import base_model, serialise, split_copy
 from tests.support.llm import logits
 
 
@@ -110,3 +111,60 @@ def test_damaged_files(tmp_path, tiny_gguf, damage, expect):
 def test_missing_file(tmp_path):
     with pytest.raises(ModelFileError, match="no such model file"):
         open_model_file(tmp_path / "nope.gguf")
+
+
+def hand_written(tmp_path, m=None, damage=lambda b: b) -> Path:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(damage(serialise(m or base_model())))
+    return path
+
+
+def at_key(data: bytes, key: bytes, skip: int) -> int:
+    """Where the count of `key`'s array (skip=8: value and element type) or its value starts."""
+    return data.find(key) + len(key) + skip
+
+
+@pytest.mark.parametrize("damage, expect", [
+    # counts and lengths against the bytes left, before any loop or allocation
+    (lambda b: b[:8] + (2**20).to_bytes(8, "little") + b[16:], "cannot fit in"),
+    (lambda b: b[:24] + (2**40).to_bytes(8, "little") + b[32:], "a key of 1,099,511,627,776 bytes"),
+    (lambda b: b[: at_key(b, b"tokenizer.ggml.tokens", 8)] + (10**9).to_bytes(8, "little") + b[at_key(b, b"tokenizer.ggml.tokens", 16):],
+     "tokenizer.ggml.tokens claims 1,000,000,000 elements, more than the file can hold"),
+    (lambda b: b[: at_key(b, b"tokenizer.ggml.scores", 8)] + (2**61).to_bytes(8, "little") + b[at_key(b, b"tokenizer.ggml.scores", 16):],
+     "tokenizer.ggml.scores claims"),
+])
+def test_counts_are_checked_before_they_are_used(tmp_path, damage, expect):
+    path = hand_written(tmp_path, damage=damage)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelFileError, match=expect):
+        open_model_file(path)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def tensor(m, name):
+    return next(t for t in m.tensors if t.name == name)
+
+
+def test_the_tensor_table_is_held_to_what_llama_cpp_reads(tmp_path):
+    """As ggml's gguf reader checks it: unique names, names within GGML_MAX_NAME, whole blocks per row,
+    each tensor's data where the previous one's ends, an alignment it can map."""
+    m = base_model()
+    m.tensors.append(m.tensors[3])
+    with pytest.raises(ModelFileError, match="tensor blk.0.attn_k.weight is there twice"):
+        open_model_file(hand_written(tmp_path, m))
+    m = base_model()
+    m.tensors[0].name = "n" * 100_000
+    with pytest.raises(ModelFileError, match="a tensor name of 100,000 bytes"):
+        open_model_file(hand_written(tmp_path, m))
+    m = base_model()
+    tensor(m, "blk.0.attn_q.weight").offset = 0
+    with pytest.raises(ModelFileError, match="tensor blk.0.attn_q.weight's data is at offset 0, where the tensors before it end at"):
+        open_model_file(hand_written(tmp_path, m))
+    m = base_model()
+    tensor(m, "blk.0.attn_q.weight").type = 12  # Q4_K: 256-element blocks, rows of 32
+    with pytest.raises(ModelFileError, match=r"tensor blk.0.attn_q.weight has shape \[32, 32\], impossible for type Q4_K"):
+        open_model_file(hand_written(tmp_path, m))
+    m = base_model()
+    m.kv.append(type(m.kv[0])("general.alignment", 4, 1))
+    with pytest.raises(ModelFileError, match="general.alignment is 1: not a power of two from 32"):
+        open_model_file(hand_written(tmp_path, m))

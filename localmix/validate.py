@@ -239,12 +239,15 @@ def check(kv: dict, tensors: Iterable) -> None:
     n_expert = _experts(kv, arch, shapes)
     n_vocab = _vocabulary(kv, arch, shapes)
     ff = a("feed_forward_length")
-    if ff is not None:
-        _layer_values(k("feed_forward_length"), ff, n_layer, 0, 1 << 24)
-    if a("expert_feed_forward_length") is not None:
-        _range(k("expert_feed_forward_length"), a("expert_feed_forward_length"), 1, 1 << 24)
+    ffs = _layer_values(k("feed_forward_length"), ff, n_layer, 0, 1 << 24) if ff is not None else [None] * n_layer
+    ff_exp = a("expert_feed_forward_length")
+    if ff_exp is not None:
+        _range(k("expert_feed_forward_length"), ff_exp, 1, 1 << 24)
+    # The experts' hidden size: expert_feed_forward_length, or (Mixtral as llama) feed_forward_length.
+    ff_key = k("expert_feed_forward_length") if ff_exp is not None else k("feed_forward_length")
+    expert_ffs = [ff_exp] * n_layer if ff_exp is not None else ffs if arch == "llama" else [None] * n_layer
     _shapes(kv, arch, shapes, n_embd=n_embd, heads=heads, heads_kv=heads_kv, key_len=key_len, n_expert=n_expert,
-            n_vocab=n_vocab)
+            n_vocab=n_vocab, expert_ffs=expert_ffs, ff_key=ff_key)
 
 
 def _experts(kv: dict, arch: str, shapes: dict) -> int:
@@ -301,7 +304,7 @@ def _vocabulary(kv: dict, arch: str, shapes: dict) -> int:
 
 
 def _shapes(kv: dict, arch: str, shapes: dict, *, n_embd: int, heads: list[int], heads_kv: list[int], key_len,
-            n_expert: int, n_vocab: int) -> None:
+            n_expert: int, n_vocab: int, expert_ffs: list, ff_key: str) -> None:
     """The tensors every llama-like model has, against the hyper-parameters (only those the file has)."""
 
     def need(name: str, want: tuple, key: str, value) -> None:
@@ -317,7 +320,10 @@ def _shapes(kv: dict, arch: str, shapes: dict, *, n_embd: int, heads: list[int],
             raise ModelFileError(f"{key} gives {n_vocab} tokens but {name} has {s[1]} rows")
         need(name, (n_embd,), e_key, n_embd)
     need("output_norm.weight", (n_embd,), e_key, n_embd)
-    for i, (h, h_kv) in enumerate(zip(heads, heads_kv)):
+    for i, (h, h_kv, ff) in enumerate(zip(heads, heads_kv, expert_ffs)):
+        if ff is not None:
+            for kind in ("ffn_gate_exps", "ffn_up_exps"):
+                need(f"blk.{i}.{kind}.weight", (n_embd, ff), ff_key, ff)
         for kind in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"):
             need(f"blk.{i}.{kind}.weight", (n_embd,), e_key, n_embd)
         if n_expert:

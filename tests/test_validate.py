@@ -66,6 +66,7 @@ def test_a_dense_model_and_a_file_without_vocabulary_pass(tmp_path):
     ("llama.attention.head_count_kv", U32, 1, 0, "llama.attention.head_count_kv is 1, but blk.0.attn_k.weight has shape [32, 16]"),
     ("llama.attention.head_count_kv", ARR, [2.0, 2.0], F32, "not an integer, nor a list of integers"),
     ("llama.rope.dimension_count", U32, 7, 0, "odd"),
+    ("llama.feed_forward_length", U32, 64, 0, "llama.feed_forward_length is 64, but blk.0.ffn_gate_exps.weight has shape [32, 32, 4]"),
     ("llama.rope.freq_base", F32, float("nan"), 0, "llama.rope.freq_base is nan: not a finite number"),
     ("llama.vocab_size", U32, 300, 0, "llama.vocab_size is 300, but tokenizer.ggml.tokens has 299 tokens"),
     ("llama.context_length", U64, 4096, 0, "llama.context_length is 4096: stored as u64, llama.cpp reads it only as u32"),

@@ -465,3 +465,37 @@ async def test_names_and_titles_from_files_are_text_not_markup(tmp_path):
         await send(pilot, "[/INST] hi [bold]")
         assert store.messages(app.chat.id)[-1].content == "reply 1 to [/INST] hi [bold]"
         assert app.is_running and errors(app) == []
+
+
+@pytest.mark.anyio
+async def test_hostile_templates_never_end_the_app(tmp_path):
+    """Every named hostile template of tests/fuzz/templates.py and some random ones, as the model's
+    template: each turn ends with a reply or one error line, the app goes on, no message piles up."""
+    import dataclasses
+
+    from localmix.prompt import PromptFormat
+    from tests.fuzz.templates import templates
+
+    app, backend, store = make_app(tmp_path)
+    cases = templates(seed=7, n=100)
+    outcomes = {"reply": 0, "error": 0}
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        for label, template in cases:
+            for m in store.messages(app.chat.id):  # a fresh conversation (one chat: the list stays short)
+                store.delete_message(m.id)
+            app.show_chat(app.chat)
+            await pilot.pause()
+            backend.info = dataclasses.replace(backend.info, prompt=PromptFormat(template=template))
+            before = len(errors(app))
+            await send(pilot, "hi <|im_end|> [/INST] {{ 7 * 7 }}")
+            assert app.is_running and not app.generating, label
+            roles = [m.role for m in store.messages(app.chat.id)]
+            if len(errors(app)) > before:
+                assert roles == [] and "\n" not in errors(app)[-1], label  # the message went back to the prompt
+                outcomes["error"] += 1
+            else:
+                assert roles == ["user", "assistant"], label
+                outcomes["reply"] += 1
+            app.query_one("#prompt", PromptInput).text = ""
+    assert outcomes["error"] > 20 and sum(outcomes.values()) == len(cases)

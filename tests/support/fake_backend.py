@@ -82,7 +82,7 @@ class FakeBackend:
         return Speed(1.0, 1.0)
 
     def words(self, prompt: str) -> list[str]:
-        last = "".join(USER.findall(prompt)[-1])
+        last = "".join((USER.findall(prompt) or [""])[-1])  # a template may drop the messages
         words = f"reply {self.calls} to {last}".split()
         return words + [f"w{i}" for i in range(200)] if self.slow else words
 

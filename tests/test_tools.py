@@ -126,3 +126,89 @@ def test_tools_from_installed_packages(tmp_path, monkeypatch):
     assert t.call({"city": "Oslo"}) == {"city": "Oslo", "sky": "clear"}
 
 
+
+
+# Expressions a model (or a prompt injection) may send: each is an answer or an error for the model, at once.
+HOSTILE_EXPRESSIONS = [
+    "9**9**9", "(9^9999)^9999", "(9**999)**999", "9**999*9**999*9**999*9**999*9**999", "2**3999 * 2**3999",
+    "floor(1e308)**10", "floor(1e308)*floor(1e308)*floor(1e308)*floor(1e308)*floor(1e308)", "ceil(1e308)**9",
+    "max(2**3999, 1)**2", "abs(-2**3999)*abs(-2**3999)", "min(2**3999, 2**3998) * 2**3999", "floor(exp(709))**4",
+    "round(floor(1e308), -10**9)", "round(floor(1e308)**3, -99999999)", "round(1.5, 10**9)", "round(9**999, -5000)",
+    "10**-10000", "2**-9999", "2**0.5**-1000", "0**-1", "(-8)**(1/3)", "sqrt((-8)**(1/3))", "(-1)**0.5 ** 9999",
+    "2**3999/3", "(2**3999)**0.5", "cos(2**3999)", "log(2**3999)**2", "9.0**9999", "floor(2.5**9999)", "1e999", "1e308*10",
+    "exp(1000)", "exp(exp(exp(10)))", "log(0)", "log10(-1)", "sqrt(-1)", "1/0", "5 % 0", "5 // 0.0", "min()", "abs()", "round()",
+    "-" * 499 + "1", "(" * 300 + "1" + ")" * 300, "(" * 100 + "1" + ")" * 100, "1" + "+1" * 249, "9" * 500, "\x00", "",
+    "1 if 1 else 2", "lambda: 1", "[1] * 10**9", "'x' * 10**9", "__import__('os')", "pi ** pi ** pi ** pi",
+]
+
+
+@pytest.mark.parametrize("expression", HOSTILE_EXPRESSIONS)
+def test_the_calculator_answers_every_expression_at_once(expression):
+    """Every intermediate result is bounded, not only the last: a 15-character expression cannot take
+    minutes, and no result is too long to print."""
+    import time
+
+    ts = load_tools(entry_points=False)
+    t0 = time.monotonic()
+    result = ts.run({"name": "calculator", "arguments": {"expression": expression}})
+    assert time.monotonic() - t0 < 1 and isinstance(result, str) and len(result) < 2000
+
+
+def test_a_tools_file_that_fails_at_import_is_one_line(tmp_path):
+    """Whatever a file does at import (exit, interrupt, raise, not parse, not be Python) is a LocalmixError
+    naming it; localmix never ends with the file's exit code."""
+    bodies = {
+        "exits.py": "import sys\nsys.exit(0)\n", "exits_string.py": "raise SystemExit('bye')\n",
+        "interrupts.py": "raise KeyboardInterrupt\n", "base.py": "raise BaseException('odd')\n",
+        "raises.py": "1/0\n", "nul.py": "x = 1\x00\n", "latin1.py": b"s = '\xff\xfe'\n",
+    }
+    for name, body in bodies.items():
+        f = tmp_path / name
+        f.write_bytes(body if isinstance(body, bytes) else body.encode())
+        with pytest.raises(LocalmixError, match=f"--tools {f}: cannot load it") as e:
+            from_file(f)
+        assert "\n" not in str(e.value)
+    (tmp_path / "folder.py").mkdir()
+    with pytest.raises(LocalmixError, match="no such file"):
+        from_file(tmp_path / "folder.py")
+
+
+def test_tools_files_with_any_name_hints_and_defaults(tmp_path):
+    """A file not named .py; hints only a type checker sees (the return type is not needed; a parameter
+    type is, and is named); defaults JSON cannot write; a dataclass in the file."""
+    f = tmp_path / "tools.txt"
+    f.write_text(textwrap.dedent('''
+        from __future__ import annotations
+        import pathlib
+        from dataclasses import dataclass
+        from typing import TYPE_CHECKING
+        if TYPE_CHECKING:
+            from pathlib import Path
+
+        @dataclass
+        class Point:
+            x: int
+
+        def size(name: str, unit: str = "B", base: str = pathlib.Path(".")) -> Path:
+            """Size of a file."""
+            return name
+    '''))
+    [t] = from_file(f)
+    assert t.parameters["properties"]["unit"]["default"] == "B" and "default" not in t.parameters["properties"]["base"]
+    json.dumps(t.spec())
+    g = tmp_path / "unresolved.py"
+    g.write_text("from __future__ import annotations\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                 "    from pathlib import Path\n\ndef open_it(p: Path) -> str:\n    '''Open.'''\n")
+    with pytest.raises(LocalmixError, match=r"unresolved.py: tool open_it: the type of parameter p \(Path\) cannot be resolved"):
+        from_file(g)
+
+
+def test_an_installed_tool_that_fails_to_load_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "broken_tools.py").write_text("import sys\nsys.exit(2)\n")
+    dist = tmp_path / "broken_tools-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-tools\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[localmix.tools]\nbroken = broken_tools\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(LocalmixError, match=r"tools entry point broken \(broken_tools\): cannot load it: SystemExit: 2"):
+        from_entry_points()

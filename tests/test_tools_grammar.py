@@ -65,3 +65,15 @@ def test_validate():
         validate('{"n": ', schema)
     with pytest.raises(LocalmixError, match="does not match the schema"):
         validate('{"m": 3}', schema)
+
+
+@pytest.mark.parametrize("levels", [70, 300, 100_000])
+def test_a_schema_nested_too_deep_is_one_line(levels):
+    """Refused before any checker or converter recurses through it (a RecursionError otherwise)."""
+    schema = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(LocalmixError, match="nested more than 64 levels deep"):
+        grammar_for(schema)
+    with pytest.raises(LocalmixError, match="nested more than 64 levels deep"):
+        check_schema({"type": "object", "properties": {"a": schema}})

@@ -131,7 +131,10 @@ def from_function(fn: Callable, *, side_effects: bool | None = None, name: str |
     for pname, p in params.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        schema = _schema_for(hints.get(pname, p.annotation))
+        try:
+            schema = _schema_for(hints.get(pname, p.annotation))
+        except LocalmixError as e:
+            raise LocalmixError(f"tool {shown(fn.__name__)}, parameter {pname}: {e}") from None
         if pname in docs:
             schema["description"] = docs[pname]
         if p.default is inspect.Parameter.empty:

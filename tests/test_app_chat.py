@@ -342,6 +342,21 @@ async def test_a_stopped_reply_is_kept_complete(tmp_path):
         assert reply.complete and reply.stats["stop"] == "cancelled" and not cut_off(app)
 
 
+@pytest.mark.anyio
+async def test_quitting_mid_reply_stops_it_and_keeps_all_of_it_as_cut_off(tmp_path):
+    app, backend, store = make_app(tmp_path, FakeBackend(slow=True))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_idle(pilot)
+        app.query_one("#prompt", PromptInput).text = "tell me a story"
+        await pilot.press("enter")
+        await pilot.pause(0.7)
+        await pilot.press("ctrl+q")
+    assert app.stop_generating(timeout=5)  # what `chat` does before it closes the model
+    [_, reply] = store.messages(app.chat.id)
+    assert not reply.complete and reply.content.startswith("reply 1 to tell me a story w0")
+    assert reply.content == app._reply_text and backend._cancel.is_set()  # all it wrote, none lost
+
+
 def crashed_chat(tmp_path, texts: list[tuple[str, str]], partial: str | None):
     """The store as a crash leaves it: `texts` (role, content), then a reply saved while it streamed."""
     store = Store(tmp_path / "chats.sqlite3")

@@ -236,6 +236,7 @@ class ChatApp(App):
         self._events: queue.Queue = queue.Queue()
         self._reply: MessageView | None = None
         self._draft = None  # the store's Draft of the reply being written
+        self._thread: threading.Thread | None = None  # the reply's thread
         self._sent = None  # the user message this reply answers, when it was sent just now (put back on failure)
         self._reply_text = self._pending = ""
         self._stream = None
@@ -455,7 +456,8 @@ class ChatApp(App):
         self.generating = True
         self.update_status("writing...")
         self._events = queue.Queue()  # one per reply: a thread that outlives its reply cannot feed the next one
-        threading.Thread(target=self._generate, args=(msgs, sampling, self._events), daemon=True).start()
+        self._thread = threading.Thread(target=self._generate, args=(msgs, sampling, self._events), daemon=True)
+        self._thread.start()
 
     def _generate(self, msgs: list[dict], sampling: Sampling, events: queue.Queue) -> None:
         def confirm(call: dict) -> bool:  # asked in the UI; this thread waits for the answer
@@ -485,18 +487,23 @@ class ChatApp(App):
             self._pending = ""
             await self._finish(_Failed(error_text(e)))
 
+    def _waiting(self):
+        """The reply's events that have arrived, one at a time (taken as they are iterated)."""
+        while True:
+            try:
+                yield self._events.get_nowait()
+            except queue.Empty:
+                return
+
     async def _drain(self) -> None:
         end = None
-        while end is None:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
+        for event in self._waiting():
             if isinstance(event, Text):
                 self._reply_text += event.text
                 self._pending += event.text
             elif isinstance(event, (Done, _Failed)):
                 end = event
+                break
             else:  # the rest comes in order with the text around it
                 await self._handle(event)
         if end is None:
@@ -583,6 +590,28 @@ class ChatApp(App):
         prompt = self.query_one("#prompt", PromptInput)
         if not prompt.text:
             prompt.text = message.content
+
+    def stop_generating(self, timeout: float = 10.0) -> bool:
+        """After the app has ended (quit mid-reply): stop the reply, wait for its thread, and save the text
+        it wrote, still marked incomplete. False if the thread still runs: the backend must stay open."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        if self.backend is not None:
+            self.backend.cancel()
+        end = time.monotonic() + timeout
+        while True:
+            self._thread.join(0.05)
+            for event in self._waiting():
+                if isinstance(event, Text):
+                    self._reply_text += event.text
+                elif isinstance(event, _Confirm):  # a tool call nobody will answer: not run
+                    event.answer.append(False)
+                    event.decided.set()
+            if not self._thread.is_alive() or time.monotonic() > end:
+                break
+        if self._reply is not None and self._draft is not None:
+            self._draft.update(self._reply_text, force=True)
+        return not self._thread.is_alive()
 
     def action_stop(self) -> None:
         if self.generating and self.backend is not None:

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         app.run()
     finally:
-        if app.backend is not None:
+        if app.stop_generating() and app.backend is not None:  # never free the model under a running reply
             app.backend.close()
         store.close()
-    return 0
+    return app.return_code or 0

@@ -276,9 +276,9 @@ class Draft:
         self.saved = ""
         self._due = 0.0
 
-    def update(self, text: str) -> None:
+    def update(self, text: str, *, force: bool = False) -> None:
         now = time.monotonic()
-        if text != self.saved and now >= self._due:
+        if text != self.saved and (now >= self._due or force):
             self._save(text, None, complete=False)
             self._due = now + self.every
 

@@ -24,6 +24,7 @@ DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+MAX_DIMS = 8  # weights have 1 to 3; a product of a million huge dimensions would take minutes
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _entry(path: Path, f: SafetensorsFile, name: str, info: object, start: int, 
     if not isinstance(info, dict):
         raise QuantizeError(f"{where} is {shown(info)}, not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_whole(d) and d >= 0 for d in shape):
         raise QuantizeError(f"{where} has shape {shown(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)) or not 0 <= offsets[0] <= offsets[1]:
         raise QuantizeError(f"{where} has data_offsets {shown(offsets)}")
@@ -58,7 +59,7 @@ def _entry(path: Path, f: SafetensorsFile, name: str, info: object, start: int, 
         raise QuantizeError(f"{path.name}: tensor {shown(name)} has unsupported dtype {shown(dtype)} (supported: BF16, F16, F32)")
     ref = TensorRef(name, f, dtype, tuple(shape), start + offsets[0], start + offsets[1])
     if ref.end - ref.begin != ref.n_elements * DTYPES[dtype]:
-        raise QuantizeError(f"{where} has wrong byte range: shape {list(shape)} of {dtype} is "
+        raise QuantizeError(f"{where} has wrong byte range: shape {shown(shape)} of {dtype} is "
                             f"{ref.n_elements * DTYPES[dtype]} bytes, data_offsets give {ref.end - ref.begin}")
     if ref.end > size:
         raise QuantizeError(f"{path.name}: truncated safetensors file ({shown(name)} ends at byte {ref.end}, file has {size})")

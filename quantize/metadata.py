@@ -47,7 +47,7 @@ INT_RANGES = {
     "head_dim": (2, 1 << 14),
     "num_local_experts": (0, 512),
     "num_experts_per_tok": (1, 512),
-    "vocab_size": (1, 1 << 24),
+    "vocab_size": (1, 1 << 21),  # Gemma's 262,144 tokens, 8 times over
     "max_position_embeddings": (1, 1 << 30),
     "original_max_position_embeddings": (1, 1 << 30),
 }

@@ -20,6 +20,7 @@ from gguf import TokenType
 
 from .checkpoint import read_json
 from .errors import QuantizeError, shown
+from .metadata import INT_RANGES
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Vocab:
             self.special.add_to_gguf(w, quiet=True)
 
 
-MAX_TOKEN_ID = 1 << 24  # as metadata.INT_RANGES["vocab_size"]
+MAX_TOKEN_ID = INT_RANGES["vocab_size"][1]
 
 
 def _token_id(value: object, where: str) -> int:
@@ -80,9 +81,9 @@ def _chat_template_ok(value: object) -> bool:
     )
 
 
-def special_vocab(folder: Path, n_vocab: int, load_merges: bool = False) -> gguf.SpecialVocab:
-    """Special tokens and the chat template, from files first checked here, so that any fault is one
-    line naming its file."""
+def check_files(folder: Path) -> None:
+    """The tokenizer's JSON and template files are what gguf-py and we expect, or one line names the
+    file: checked before any of them is read for its tokens."""
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json"):
         data = read_json(folder / name, required=False) or {}
         if not _chat_template_ok(data.get("chat_template")):
@@ -97,6 +98,10 @@ def special_vocab(folder: Path, n_vocab: int, load_merges: bool = False) -> gguf
                 path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise QuantizeError(f"{path.name} cannot be read as UTF-8 text: {shown(str(e))}") from None
+
+
+def special_vocab(folder: Path, n_vocab: int, load_merges: bool = False) -> gguf.SpecialVocab:
+    """Special tokens and the chat template (from files `check_files` accepted)."""
     try:
         return _SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
@@ -251,6 +256,7 @@ def _bpe_model(data: dict) -> tuple[dict, dict[int, dict]]:
 
 
 def load_vocab(folder: Path, vocab_size: int | None) -> Vocab:
+    check_files(folder)
     if (folder / "tokenizer.model").is_file():
         return _sentencepiece(folder, vocab_size)
     if (folder / "tokenizer.json").is_file():

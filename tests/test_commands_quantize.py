@@ -232,3 +232,50 @@ def test_not_enough_disk_space_is_found_before_writing(tiny, small_filesystem):
     r = run_cli("quantize", str(tiny), "-o", str(out))  # about 20 MiB of output
     assert_clean_failure(r, out, "not enough disk space")
     assert list(small_filesystem.iterdir()) == []
+
+
+def test_partial_file_of_a_killed_quantize_is_removed_by_the_next_one(upcycled, tiny, tmp_path):
+    """SIGKILL leaves the hidden partial output (for Mixtral 8x22B up to 85 GB); the next quantize into
+    that folder removes it, and says so in one line."""
+    from localmix.units import fmt_bytes
+
+    out = tmp_path / "m.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "localmix", "quantize", str(upcycled), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / f".m.gguf.{proc.pid}.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial.is_file() and partial.stat().st_size > 20 << 20):
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert partial.is_file() and not out.exists()  # what a SIGKILL leaves
+    size = partial.stat().st_size
+
+    r = run_cli("quantize", str(tiny), "-o", str(tmp_path / "tiny.gguf"), "--type", "Q4_0")
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "partial" in line]
+    assert said == [f"localmix quantize: removed a partial file left by an interrupted quantize (pid {proc.pid}, "
+                    f"{fmt_bytes(size)}): {partial}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+def test_threads_and_output_flags_are_checked_in_one_line(tiny, tmp_path):
+    for args, code, expect in [
+        (["--threads", "-1"], 2, "-1 is out of range: a thread count from 1 to 512"),
+        (["--threads", "0"], 2, "0 is out of range"),
+        (["-o", ""], 1, "-o needs a file name"),
+        (["-o", str(tmp_path)], 1, "is a folder; the output must be a file name"),
+    ]:
+        r = run_cli("quantize", str(tiny), *(args if "-o" in args else ["-o", str(tmp_path / "m.gguf"), *args]))
+        err = r.stderr.strip()
+        assert r.returncode == code and len(err.splitlines()) == 1 and expect in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_json_file_is_one_line_naming_it(tiny, tmp_path):
+    from tests.support.checkpoints import linked_copy, put
+
+    src = linked_copy(tiny, tmp_path / "ckpt")
+    put(src / "config.json", '{"architectures": ["MixtralForCausalLM"], "hidden_size": 2')
+    out = tmp_path / "m.gguf"
+    assert_clean_failure(run_cli("quantize", str(src), "-o", str(out)), out, "error: config.json is not valid JSON: Expecting")

@@ -152,7 +152,7 @@ def test_control_token_text_in_messages_is_data_in_mistral_encoding(where, tiny_
         elif where == "tool arguments":
             msgs[2]["tool_calls"] = [{**msgs[2]["tool_calls"][0], "arguments": {"expression": text}}]
         else:
-            next(m for m in msgs if m["role"] == where)["content"] += text
+            next(m for m in msgs if m["role"] == where and "content" in m)["content"] += text
         return msgs
 
     vocab = Engine.vocab_only(tiny_gguf("Q4_K_M"))

@@ -261,16 +261,23 @@ def _budget(size: int) -> Iterator[None]:
     deadline = time.monotonic() + MAX_SECONDS
     ticks = 0
 
-    def trace(frame, event, arg):
+    def line(frame, event, arg):  # each line of template code
         nonlocal ticks
         ticks += 1
-        if ticks % 256 == 0 and time.monotonic() > deadline:
+        if ticks & 255 == 0 and time.monotonic() > deadline:
             raise _OverBudget
-        return trace
+        return line
+
+    def call(frame, event, arg):  # each call or generator step anywhere: lines are traced in template code only
+        nonlocal ticks
+        ticks += 1
+        if ticks & 255 == 0 and time.monotonic() > deadline:
+            raise _OverBudget
+        return line if frame.f_code.co_filename == "<template>" else None
 
     previous_trace, previous_size = sys.gettrace(), getattr(_limit, "size", None)
     _limit.size = size
-    sys.settrace(trace)
+    sys.settrace(call)
     try:
         yield
     finally:

@@ -181,6 +181,8 @@ def _schema(args):
         raise LocalmixError(f"--json-schema {args.json_schema}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LocalmixError(f"--json-schema {args.json_schema}: not JSON ({e})") from None
+    except RecursionError:  # json's decoder recurses once per level: a file nested 100,000 deep
+        raise LocalmixError(f"--json-schema {args.json_schema}: nested too deeply to read") from None
     check_schema(schema)
     return schema
 

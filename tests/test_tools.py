@@ -212,3 +212,22 @@ def test_an_installed_tool_that_fails_to_load_is_one_line(tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(LocalmixError, match=r"tools entry point broken \(broken_tools\): cannot load it: SystemExit: 2"):
         from_entry_points()
+
+
+def test_run_with_hostile_tools_files_schemas_and_calls(tmp_path):
+    """`localmix run` with each hostile tools file and schema, and calculator calls forced on a small real
+    model: success or one line, never a traceback, a hang, a silent exit or a file left behind."""
+    from localmix.hardware import detect
+    from tests.fuzz.harness import Harness, failures, leftovers
+    from tests.fuzz.tools import cases
+
+    detect()  # the bandwidth probes once, before the forks
+    all_cases = cases(seed=1, n=40, workdir=tmp_path)
+    with Harness() as h:
+        outcomes = h.run(all_cases)
+    assert all(o.ok for o in outcomes), failures(outcomes)
+    assert not leftovers(outcomes)
+    by_label = {o.case.label: o for o in outcomes}
+    for label in ("exits 0", "exits 3", "interrupts"):
+        assert by_label[f"tools file: {label}"].code == 1  # never the file's own exit code, never silent
+    assert by_label["tools file: fine"].code == 0

@@ -5,7 +5,6 @@ runs only after the user confirms."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import re
@@ -164,21 +163,19 @@ def from_file(path: str | Path) -> list[Tool]:
     """The public functions defined in a Python file. Whatever the file does when it is imported (raise,
     call sys.exit(), fail to parse) is one LocalmixError naming it, never the end of localmix."""
     import sys
-    from importlib.machinery import SourceFileLoader
 
     path = Path(path)
     where = f"--tools {shown(path)}"
     if not path.is_file():
         raise LocalmixError(f"{where}: no such file")
-    name = f"localmix_user_tools_{abs(hash(str(path.resolve())))}"
-    loader = SourceFileLoader(name, str(path))  # any file name: spec_from_file_location wants a .py suffix
-    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickling look their module up while the file runs
+    # Run as a module of its own, from source: any file name, and no __pycache__ left beside the file.
+    module = types.ModuleType(f"localmix_user_tools_{abs(hash(str(path.resolve())))}")
+    module.__file__ = str(path)
+    sys.modules[module.__name__] = module  # dataclasses and pickling look their module up while the file runs
     try:
-        loader.exec_module(module)
+        exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)
     except BaseException as e:  # noqa: BLE001 - the user's code: SystemExit, KeyboardInterrupt... report, don't end
-        sys.modules.pop(name, None)
+        sys.modules.pop(module.__name__, None)
         raise LocalmixError(f"{where}: cannot load it: {_why(e)}") from None
     fns = [f for n, f in vars(module).items()
            if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == module.__name__]

@@ -80,3 +80,39 @@ def cases(seed: int, n: int, workdir: Path, *, timeout: float = 30.0) -> list[Ca
         out.append(Case(["run", "model.gguf", r.choice(["compute", "9^9^9", "(9^9999)^9999"]), "--tools", "--tool-choice", choice,
                          "--max-tokens", "120", "--seed", str(s), *RUN], str(d), timeout, f"calls: {choice} seed {s}"))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.fuzz.tools [--seed S] [--n N]`: a sweep, with totals per kind of outcome."""
+    import argparse
+    import collections
+    import tempfile
+    import time
+
+    from tests.fuzz.harness import Harness, failures, leftovers
+
+    p = argparse.ArgumentParser(prog="python -m tests.fuzz.tools")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--workers", type=int, default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fuzz-tools-") as tmp:
+        home = Path(tmp) / "home"
+        env = {"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}
+        all_cases = cases(args.seed, args.n, Path(tmp) / "cases")
+        t0 = time.monotonic()
+        with Harness(env=env, workers=args.workers) as h:
+            outcomes = h.run(all_cases)
+        seconds = time.monotonic() - t0
+    kinds = collections.Counter("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback
+                                else "ok" if o.ok else "not one line" for o in outcomes)
+    print(f"{len(outcomes)} cases in {seconds:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    print(f"files left: {len(leftovers(outcomes))}")
+    bad = [o for o in outcomes if not o.ok]
+    if bad:
+        print(failures(bad))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

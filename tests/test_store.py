@@ -77,6 +77,7 @@ def test_a_draft_is_saved_as_it_grows_and_marked_complete_at_the_end(tmp_path):
     other = Store(tmp_path / "chats.sqlite3")
     last = other.messages(chat.id)[-1]
     assert (last.role, last.content, last.complete) == ("assistant", "Once upon a time", False)
+    assert "Once upon a time\n\n*(cut off)*" in other.export_markdown(chat.id)
     draft.finish("Once upon a time, the end.", {"stop": "eos"})
     last = other.messages(chat.id)[-1]
     assert (last.content, last.complete, last.stats) == ("Once upon a time, the end.", True, {"stop": "eos"})

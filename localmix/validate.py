@@ -292,6 +292,8 @@ def _vocabulary(kv: dict, arch: str, shapes: dict) -> int:
             if not isinstance(v, Skipped) or v.etype not in types or v.count != n_vocab:
                 what = f"a list of {v.count}" if isinstance(v, Skipped) else _value(v)
                 raise ModelFileError(f"{key} is {what}: llama.cpp reads {n_vocab} {name}, one per token")
+        if kv.get("tokenizer.ggml.model") == "llama":
+            _byte_fallback(set(tokens))
         merges = kv.get("tokenizer.ggml.merges")
         if merges is not None and (not isinstance(merges, Skipped) or merges.etype != GGUF_STR):
             raise ModelFileError("tokenizer.ggml.merges is not a list of strings")
@@ -301,6 +303,16 @@ def _vocabulary(kv: dict, arch: str, shapes: dict) -> int:
         if n_vocab and vocab_size != n_vocab:
             raise refuse(f"{arch}.vocab_size", vocab_size, f"but tokenizer.ggml.tokens has {n_vocab} tokens")
     return n_vocab or vocab_size or 0
+
+
+def _byte_fallback(tokens: set[str]) -> None:
+    """A SentencePiece vocabulary spells text it has no piece for byte by byte, as <0xNN> tokens (or the
+    character itself): llama.cpp looks them up with unordered_map::at, and a missing one ends the whole
+    process (std::out_of_range through its C API) as soon as a prompt needs that byte."""
+    for b in range(256):
+        if f"<0x{b:02X}>" not in tokens and (b >= 0x80 or chr(b) not in tokens):
+            raise ModelFileError(f"tokenizer.ggml.tokens lacks the byte token <0x{b:02X}> of a SentencePiece vocabulary "
+                                 "(llama.cpp aborts on a text that needs it)")
 
 
 def _shapes(kv: dict, arch: str, shapes: dict, *, n_embd: int, heads: list[int], heads_kv: list[int], key_len,

@@ -58,6 +58,10 @@ def duplicate_token(m: Model) -> None:
     m.get("tokenizer.ggml.tokens").value[300 - 2] = "▁h"  # the last piece becomes another one's text
 
 
+def no_byte_token(m: Model) -> None:
+    m.get("tokenizer.ggml.tokens").value[3 + 0x5B] = ""  # <0x5B>, '[', which the template's [INST] needs
+
+
 def duplicate_tensor(m: Model) -> None:
     m.tensors.append(m.tensors[1])
 
@@ -112,6 +116,7 @@ ROWS = [
     ("expert_used_count 0", kv("llama.expert_used_count", U32, 0), "run", "llama.expert_used_count is 0"),
     ("expert_used_count above expert_count", kv("llama.expert_used_count", U32, 5), "run", "llama.expert_used_count is 5"),
     ("duplicate token", duplicate_token, "run", "tokenizer.ggml.tokens has '▁h' twice"),
+    ("a byte token missing", no_byte_token, "run", "tokenizer.ggml.tokens lacks the byte token <0x5B>"),
     ("a vocabulary larger than the embedding", one_token_more,
      "run", "tokenizer.ggml.tokens gives 300 tokens but token_embd.weight has 299 rows"),
     ("list-valued count", kv("llama.embedding_length", ARR, [32, 32], U32), "info", "llama.embedding_length is [32, 32]"),

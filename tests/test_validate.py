@@ -88,6 +88,13 @@ def test_a_duplicate_token_is_named(tmp_path):
         opened(tmp_path, m)
 
 
+def test_a_sentencepiece_vocabulary_needs_every_byte(tmp_path):
+    m = base_model()
+    m.get("tokenizer.ggml.tokens").value[3 + 0x5B] = ""  # <0x5B>, '[': the template's [INST] needs it
+    with pytest.raises(ModelFileError, match="tokenizer.ggml.tokens lacks the byte token <0x5B>"):
+        opened(tmp_path, m)
+
+
 def test_plain_dicts_are_checked_for_kinds_only():
     """A header built in memory (no recorded GGUF types) is held to the same values, its types by kind."""
     class T:

@@ -348,3 +348,41 @@ def check(o: Outcome) -> list[str]:
 
 def _expected_new(c: StoreCase, path: str) -> bool:
     return path.startswith("cache/") or (c.command == "pull" and path == f"models/{REPO_NAME}.gguf")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.fuzz.store [--seed S] [--n N] [--model GGUF]`: a sweep, with totals per kind of outcome
+    and of problem (wrong files touched among them)."""
+    import argparse
+    import collections
+    import tempfile
+
+    from tests.fuzz.harness import Harness
+
+    p = argparse.ArgumentParser(prog="python -m tests.fuzz.store")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--model", type=Path, default=None, help="a real GGUF to link (default: the tiny Mixtral, converted once)")
+    p.add_argument("--workers", type=int, default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fuzz-store-") as tmp:
+        all_cases = cases(args.seed, args.n, Path(tmp), args.model)
+        t0 = time.monotonic()
+        with Harness(env=ENV, workers=args.workers) as h:
+            outcomes = h.run(all_cases)
+        seconds = time.monotonic() - t0
+        problems = [p for o in outcomes for p in check(o)]
+    kinds = collections.Counter("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback
+                                else "ok" if o.ok else "not one line" for o in outcomes)
+    commands = collections.Counter(c.command for c in all_cases)
+    wrong = sum("wrong files touched" in p or "opened" in p or "rm of" in p for p in problems)
+    print(f"{len(outcomes)} cases ({', '.join(f'{k} {v}' for k, v in sorted(commands.items()))}) in {seconds:.0f} s: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    print(f"problems: {len(problems)}, wrong files touched or opened: {wrong}")
+    for line in problems[:40]:
+        print(line[:500])
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

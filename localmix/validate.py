@@ -25,25 +25,32 @@ MAX_CONTEXT = 2**31 - 1
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 LAYER = re.compile(r"^blk\.(\d+)\.")
 
-INT, FLOAT, STR, BOOL = "an integer", "a number", "a string", "true or false"
-# Keys under "{arch}." and what they must be; `per_layer`: llama.cpp also takes an array of integers with
-# one value per layer (get_key_or_arr); any other array aborts it (get_arr's GGML_ASSERT on its type).
-ARCH_KEYS: dict[str, tuple[str, bool]] = {
-    "block_count": (INT, False), "context_length": (INT, False), "embedding_length": (INT, False),
-    "feed_forward_length": (INT, True), "expert_feed_forward_length": (INT, False), "attention.head_count": (INT, True),
-    "attention.head_count_kv": (INT, True), "attention.key_length": (INT, False), "attention.value_length": (INT, False),
-    "expert_count": (INT, False), "expert_used_count": (INT, False), "vocab_size": (INT, False),
-    "rope.dimension_count": (INT, False), "rope.freq_base": (FLOAT, False), "rope.scaling.factor": (FLOAT, False),
-    "attention.layer_norm_rms_epsilon": (FLOAT, False), "attention.layer_norm_epsilon": (FLOAT, False),
+# GGUF value types
+U16, U32, I32, F32, BOOL, STR, ARR = 2, 4, 5, 6, 7, 8, 9
+TYPE_NAMES = ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"]
+
+# The type llama.cpp reads each key as: its loader's get_key refuses any other, ggml's gguf reader aborts on
+# a general.alignment of another type (gguf_get_val_u32). Keys under "{arch}." also say whether llama.cpp
+# takes one value per layer instead (get_key_or_arr: an array of i32 or u32; another element type aborts
+# in get_arr's GGML_ASSERT).
+ARCH_KEYS: dict[str, tuple[int, bool]] = {
+    **{k: (U32, False) for k in ("block_count", "context_length", "embedding_length", "expert_feed_forward_length",
+                                 "attention.key_length", "attention.value_length", "expert_count", "expert_used_count",
+                                 "vocab_size", "rope.dimension_count")},
+    **{k: (U32, True) for k in ("feed_forward_length", "attention.head_count", "attention.head_count_kv")},
+    **{k: (F32, False) for k in ("rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon",
+                                 "attention.layer_norm_epsilon")},
 }
-OTHER_KEYS: dict[str, str] = {
-    "general.architecture": STR, "general.name": STR, "general.file_type": INT, "general.alignment": INT,
-    "general.quantization_version": INT, "tokenizer.ggml.model": STR, "tokenizer.ggml.pre": STR,
+OTHER_KEYS: dict[str, int] = {
+    "general.architecture": STR, "general.name": STR, "general.file_type": U32, "general.alignment": U32,
+    "general.quantization_version": U32, "tokenizer.ggml.model": STR, "tokenizer.ggml.pre": STR,
     "tokenizer.chat_template": STR, "tokenizer.ggml.add_bos_token": BOOL, "tokenizer.ggml.add_eos_token": BOOL,
-    "tokenizer.ggml.add_space_prefix": BOOL, "split.no": INT, "split.count": INT, "split.tensors.count": INT,
+    "tokenizer.ggml.add_space_prefix": BOOL, "split.no": U16, "split.count": U16, "split.tensors.count": I32,
 }
-TOKEN_ID = re.compile(r"^tokenizer\.ggml\.\w+_token_id$")
-PER_LAYER = {k for k, (_, per_layer) in ARCH_KEYS.items() if per_layer}
+TOKEN_ID = re.compile(r"^tokenizer\.ggml\.\w+_token_id$")  # u32, each of them
+# What a value must be, in words, for a GGUF type (a plain dict, made in memory, is checked by kind only).
+INT, FLOAT, TEXT, TRUTH = "an integer", "a number", "a string", "true or false"
+KIND = {U16: INT, U32: INT, I32: INT, F32: FLOAT, STR: TEXT, BOOL: TRUTH}
 
 
 @dataclass(frozen=True)
@@ -55,44 +62,13 @@ class Skipped:
     count: int
 
 
-GGUF_U16, GGUF_U32, GGUF_I32, GGUF_F32, GGUF_BOOL, GGUF_STR, GGUF_ARR = 2, 4, 5, 6, 7, 8, 9
-TYPE_NAMES = ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"]
-
-
 class Metadata(dict):
     """A GGUF's metadata as read: key -> value, and in `types` key -> (GGUF value type, element type of an
-    array or None), since llama.cpp reads most keys as one exact type and refuses (or aborts on) others."""
+    array or None)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.types: dict[str, tuple[int, int | None]] = {}
-
-
-# The exact types llama.cpp reads keys as (src/llama-model-loader.cpp get_key: any other type is refused;
-# ggml/src/gguf.cpp reads general.alignment with gguf_get_val_u32, which aborts on another type).
-# Per-layer keys may also be arrays of i32 or u32 (another element type aborts in get_arr).
-EXACT_ARCH = {**{k: GGUF_U32 for k in ("block_count", "context_length", "embedding_length", "feed_forward_length",
-                                         "expert_feed_forward_length", "attention.head_count", "attention.head_count_kv",
-                                         "attention.key_length", "attention.value_length", "expert_count",
-                                         "expert_used_count", "vocab_size", "rope.dimension_count")},
-              **{k: GGUF_F32 for k in ("rope.freq_base", "rope.scaling.factor", "attention.layer_norm_rms_epsilon",
-                                         "attention.layer_norm_epsilon")}}
-EXACT = {"general.alignment": GGUF_U32, "general.file_type": GGUF_U32, "general.quantization_version": GGUF_U32,
-         "split.no": GGUF_U16, "split.count": GGUF_U16, "split.tensors.count": GGUF_I32,
-         "tokenizer.ggml.add_bos_token": GGUF_BOOL, "tokenizer.ggml.add_eos_token": GGUF_BOOL,
-         "tokenizer.ggml.add_space_prefix": GGUF_BOOL, "general.architecture": GGUF_STR, "tokenizer.ggml.model": GGUF_STR}
-
-
-def check_exact_types(kv: Metadata, arch: str) -> None:
-    wanted = {**EXACT, **{f"{arch}.{k}": t for k, t in EXACT_ARCH.items()}}
-    for key, (vtype, etype) in kv.types.items():
-        want = wanted.get(key) or (GGUF_U32 if TOKEN_ID.match(key) else None)
-        if want is None or vtype == want:
-            continue
-        if vtype == GGUF_ARR and key.removeprefix(f"{arch}.") in PER_LAYER and etype in (GGUF_I32, GGUF_U32):
-            continue
-        got = TYPE_NAMES[vtype] if vtype != GGUF_ARR else f"array of {TYPE_NAMES[etype] if etype is not None else '?'}"
-        raise refuse(key, kv[key], f"stored as {got}, llama.cpp reads it only as {TYPE_NAMES[want]}")
 
 
 def refuse(key: str, value: object, why: str) -> ModelFileError:
@@ -102,7 +78,7 @@ def refuse(key: str, value: object, why: str) -> ModelFileError:
 def _value(value: object) -> str:
     if isinstance(value, list):
         inner = ", ".join(_value(v) for v in value[:4])
-        return f"[{inner}{', ...' if len(value) > 4 else ''}] (a list of {len(value)})" if len(value) > 4 else f"[{inner}]"
+        return f"[{inner}, ...] (a list of {len(value)})" if len(value) > 4 else f"[{inner}]"
     if isinstance(value, str):
         return f"'{shown(value, 60)}'"
     return shown(value, 60)
@@ -110,34 +86,35 @@ def _value(value: object) -> str:
 
 def _kind(value: object) -> str:
     if isinstance(value, bool):
-        return BOOL
+        return TRUTH
     if isinstance(value, int):
         return INT
     if isinstance(value, float):
         return FLOAT
     if isinstance(value, str):
-        return STR
+        return TEXT
     return "a list"
 
 
 def check_types(kv: dict) -> str:
-    """The architecture name, after every key localmix or llama.cpp reads has been checked for its type."""
+    """The architecture name, once every key localmix or llama.cpp reads has the type llama.cpp reads it as."""
     arch = kv.get("general.architecture")
+    if arch is None:
+        raise ModelFileError("no general.architecture in the GGUF metadata")
     if not isinstance(arch, str) or not re.fullmatch(r"[a-z0-9_\-]{1,64}", arch):
-        raise refuse("general.architecture", arch, "not the name of a model architecture") if arch is not None \
-            else ModelFileError("no general.architecture in the GGUF metadata")
-    for key, want in OTHER_KEYS.items():
-        if key in kv:
-            _typed(key, kv[key], want, False)
-    for suffix, (want, per_layer) in ARCH_KEYS.items():
-        key = f"{arch}.{suffix}"
-        if key in kv:
-            _typed(key, kv[key], want, per_layer)
-    for key, value in kv.items():
-        if TOKEN_ID.match(key):
-            _typed(key, value, INT, False)
-    if isinstance(kv, Metadata):
-        check_exact_types(kv, arch)
+        raise refuse("general.architecture", arch, "not the name of a model architecture")
+    wanted = {**{k: (t, False) for k, t in OTHER_KEYS.items()}, **{f"{arch}.{k}": v for k, v in ARCH_KEYS.items()},
+              **{k: (U32, False) for k in kv if TOKEN_ID.match(k)}}
+    types = kv.types if isinstance(kv, Metadata) else {}
+    for key, (want, per_layer) in wanted.items():
+        if key not in kv:
+            continue
+        _typed(key, kv[key], KIND[want], per_layer)
+        if key in types:
+            vtype, etype = types[key]
+            if vtype != want and not (vtype == ARR and per_layer and etype in (I32, U32)):
+                got = f"array of {TYPE_NAMES[etype]}" if vtype == ARR and etype is not None else TYPE_NAMES[vtype]
+                raise refuse(key, kv[key], f"stored as {got}, llama.cpp reads it only as {TYPE_NAMES[want]}")
     return arch
 
 
@@ -284,8 +261,8 @@ def _vocabulary(kv: dict, arch: str, shapes: dict) -> int:
             seen: set[str] = set()
             dup = next(t for t in tokens if t in seen or seen.add(t))
             raise ModelFileError(f"tokenizer.ggml.tokens has '{shown(dup, 60)}' twice: llama.cpp aborts on a duplicate token")
-        for key, types, name in (("tokenizer.ggml.scores", (GGUF_F32,), "32-bit floats"),
-                                 ("tokenizer.ggml.token_type", (GGUF_I32, GGUF_U32), "32-bit integers")):
+        for key, types, name in (("tokenizer.ggml.scores", (F32,), "32-bit floats"),
+                                 ("tokenizer.ggml.token_type", (I32, U32), "32-bit integers")):
             v = kv.get(key)
             if v is None:
                 continue
@@ -295,7 +272,7 @@ def _vocabulary(kv: dict, arch: str, shapes: dict) -> int:
         if kv.get("tokenizer.ggml.model") == "llama":
             _byte_fallback(set(tokens))
         merges = kv.get("tokenizer.ggml.merges")
-        if merges is not None and (not isinstance(merges, Skipped) or merges.etype != GGUF_STR):
+        if merges is not None and (not isinstance(merges, Skipped) or merges.etype != STR):
             raise ModelFileError("tokenizer.ggml.merges is not a list of strings")
     vocab_size = kv.get(f"{arch}.vocab_size")
     if vocab_size is not None:

@@ -147,7 +147,7 @@ def mut_key_name(r: random.Random, m: Model) -> str:
 
 def _tokens(m: Model) -> KV | None:
     kv = m.get("tokenizer.ggml.tokens")
-    return kv if kv and kv.type == ARR and isinstance(kv.value, list) else None
+    return kv if kv and kv.type == ARR and kv.sub == STR and isinstance(kv.value, list) else None
 
 
 def mut_vocab(r: random.Random, m: Model) -> str:
@@ -393,11 +393,12 @@ def _file_name(r: random.Random) -> str:
 
 def files(seed: int, n: int, workdir: Path, run_every: int = 0) -> list[tuple[Path, str]]:
     """`n` hostile files, each in its own folder under `workdir`: (path, label). The first is the base
-    model itself, unharmed; every `run_every`-th one has only semantic mutations."""
-    r = random.Random(seed)
+    model itself, unharmed; every `run_every`-th one has only semantic mutations. File i depends only on
+    (seed, i)."""
     base = base_model()
     out = []
     for i in range(n):
+        r = random.Random(f"{seed}/{i}")  # one stream per file: a change to one mutation leaves the other files alone
         folder = workdir / f"g{seed}-{i:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         if i == 0:
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds[command][kind] += 1
         if o.ok and o.code == 1 and len(o.stderr) > 400:
             kinds[command]["long message"] += 1
-        if "\x1b" in o.stdout + o.stderr:
+        if "\x1b" in o.stderr + (o.stdout if command != "run" else ""):  # run's stdout is the model's reply
             kinds[command]["escape reached the terminal"] += 1
     left = leftovers(outcomes)
     print(f"{args.n} files, {len(outcomes)} cases, {seconds:.0f} s, {len(left)} files left behind")

@@ -4,10 +4,11 @@ refuse a system role (Mixtral's raises "Only user and assistant roles are suppor
 prompt folded into the first user turn instead of having it silently dropped.
 
 The sandbox stops a template from reaching Python's internals; the limits stop it from taking the
-machine: a time budget (a trace function checks the clock while template code runs), a size budget for
-every string, list or number it makes (checked before the one C-level operation that would make it:
-`9**(9**9)`, `'x' * 10**10`, `'x'|center(10**10)`...) and for its output, and no loader (include,
-extends and import fail). Whatever goes wrong is one TemplateError line.
+machine: a time budget (the clock is checked at each step of every loop, each call, filter, operator and
+join the template makes), a size budget for every string, list or number it makes (checked before the
+one C-level operation that would make it: `9**(9**9)`, `'x' * 10**10`, `'x'|center(10**10)`...), for all
+of them together and for its output, and no loader (include, extends and import fail). Whatever goes
+wrong is one TemplateError line.
 
 `render_marked` also says which parts of the text are the messages' content: each content is rendered
 between two marker characters, so that the caller can tokenize content as data and only the template's
@@ -18,7 +19,6 @@ from __future__ import annotations
 import functools
 import re
 import string
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +39,7 @@ MAX_SECONDS = 2.0  # a chat template renders a conversation in milliseconds
 MAX_SIZE = 1_000_000  # characters of any string (or items of any list) a template makes, besides the conversation's own
 MAX_INT_BITS = 100_000  # about 30,000 digits: no template needs more, 9**(9**9) would take minutes
 MAX_WIDTH = 100_000  # a field width in a format string or a filter argument
+MAX_TEMPLATE = 256_000  # characters of template source; real ones have a few thousand
 PREFIX = "the model's chat template failed: "
 
 
@@ -64,7 +65,14 @@ def _strftime_now(fmt: str) -> str:
 
 # -- sizes ----------------------------------------------------------------------------------------------
 
-_limit = threading.local()  # .size: the size budget of the render running on this thread
+# The budget of the render running on this thread: .size (of any value), .made (so far), .deadline.
+_limit = threading.local()
+MADE = 16  # all the strings and lists a render makes, together, at most this many times its size budget
+
+
+def _tick() -> None:
+    if time.monotonic() > getattr(_limit, "deadline", float("inf")):
+        raise _OverBudget
 
 
 def _max_size() -> int:
@@ -80,11 +88,21 @@ def _size(value) -> int:
     return len(value) if isinstance(value, (str, list, tuple, dict)) else 0
 
 
+def _made(size: int) -> None:
+    """Counts what a render makes, so that many values each within the budget (a million slices kept in
+    a list) cannot take the memory either."""
+    _limit.made = getattr(_limit, "made", 0) + size
+    if _limit.made > MADE * _max_size():
+        raise _TooBig(f"it makes more than {MADE * _max_size():,} characters of strings and lists in all")
+
+
 def _bounded(value):
-    """`value`, once its size is known to be within the budget."""
+    """`value`, once its size is known to be within the budget (and the time is not up)."""
+    _tick()
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
         raise _TooBig(f"it makes a number of more than {MAX_INT_BITS:,} bits")
     _check(_size(value))
+    _made(_size(value))
     return value
 
 
@@ -177,26 +195,34 @@ def _tojson_size(value, indent=None) -> int:
     return 0
 
 
-# filter name -> (does it take the eval context first, the size of its result before it runs)
+# filter name -> the size of its result, from its arguments, before it runs
 FILTER_SIZES = {
-    "center": (False, lambda value, width=80: _int(width)),
-    "indent": (False, _indent_size),
-    "wordwrap": (True, _wordwrap_size),
-    "replace": (True, lambda s, old, new, count=None: _replace_size(str(s), str(old), str(new), -1 if count is None else count)),
-    "join": (True, lambda value, d="", attribute=None: _join_size(value, str(d)) if isinstance(value, (list, tuple, str)) else 0),
-    "tojson": (True, _tojson_size),
+    "center": lambda value, width=80: _int(width),
+    "indent": _indent_size,
+    "wordwrap": _wordwrap_size,
+    "replace": lambda s, old, new, count=None: _replace_size(str(s), str(old), str(new), -1 if count is None else count),
+    "join": lambda value, d="", attribute=None: _join_size(value, str(d)) if isinstance(value, (list, tuple, str)) else 0,
+    "tojson": _tojson_size,
+    # loops whose length an argument sets, not the input: slices made, and the padding of the last batch
+    "slice": lambda value, slices=1, fill_with=None: _int(slices),
+    "batch": lambda value, linecount=1, fill_with=None: _int(linecount) if fill_with is not None else 0,
 }
 
 
 def _guarded_filter(name: str, fn):
-    takes_ctx, size = FILTER_SIZES.get(name, (False, None))
+    from jinja2.utils import _PassArg
+
+    size = FILTER_SIZES.get(name)
+    skip = 1 if _PassArg.from_obj(fn) is not None else 0  # the context, eval context or environment comes first
 
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
+        _tick()
+        values = args[skip:]
         if size is not None:
-            _check(size(*(args[1:] if takes_ctx else args), **kwargs))
-        if name == "format" and args:
-            _check_printf(str(args[0]), args[1:])
+            _check(size(*values, **kwargs))
+        if name == "format" and values:
+            _check_printf(str(values[0]), values[1:])
         return _bounded(fn(*args, **kwargs))
 
     return guarded
@@ -206,11 +232,12 @@ def _guarded_filter(name: str, fn):
 
 
 def _environment():
+    from jinja2 import nodes
     from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generator(CodeGenerator):
-        """`a ~ b` through the environment, so that its size is checked before the join."""
+        """`a ~ b` and slices through the environment, so that what they make is counted."""
 
         def visit_Concat(self, node, frame) -> None:
             self.write("environment.concat((")
@@ -219,15 +246,44 @@ def _environment():
                 self.write(", ")
             self.write("))")
 
+        def visit_For(self, node, frame) -> None:
+            """Every loop steps through environment.ticking: the clock is checked at each step, even of a
+            loop with an empty body over a C-level iterator."""
+            node.iter = nodes.Call(nodes.EnvironmentAttribute("ticking", lineno=node.lineno), [node.iter], [], None, None,
+                                   lineno=node.lineno)
+            super().visit_For(node, frame)
+
+        def visit_Getitem(self, node, frame) -> None:
+            if not isinstance(node.arg, nodes.Slice):
+                return super().visit_Getitem(node, frame)
+            self.write("environment.sliced(")
+            self.visit(node.node, frame)
+            self.write(", slice(")
+            for i, part in enumerate((node.arg.start, node.arg.stop, node.arg.step)):
+                self.write(", " if i else "")
+                if part is None:
+                    self.write("None")
+                else:
+                    self.visit(part, frame)
+            self.write("))")
+
     class Environment(ImmutableSandboxedEnvironment):
         code_generator_class = Generator
         intercepted_binops = frozenset({"**", "*", "+", "%"})  # the ones that can make something big
 
+        @staticmethod
+        def ticking(iterable):
+            for item in iterable:
+                _tick()
+                yield item
+
         def call_binop(self, context, operator, left, right):
+            _tick()
             _binop_size(operator, left, right)
             return _bounded(super().call_binop(context, operator, left, right))
 
         def call(__self, __context, __obj, *args, **kwargs):  # Jinja's own signature (names that no keyword can clash with)
+            _tick()
             target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
             owner = getattr(target, "__self__", None)
             name = getattr(target, "__name__", "")
@@ -239,9 +295,20 @@ def _environment():
             return _bounded(super().call(__context, __obj, *args, **kwargs))
 
         @staticmethod
+        def sliced(obj, part: slice):
+            value = obj[part]  # a copy: counted
+            _made(_size(value))
+            return value
+
+        @staticmethod
         def concat(pieces) -> str:
+            """`a ~ b`, and the output of macros, blocks and {% set %} blocks (Jinja joins their buffers
+            with environment.concat)."""
+            _tick()
             pieces = [str(p) for p in pieces]
-            _check(sum(map(len, pieces)))
+            size = sum(map(len, pieces))
+            _check(size)
+            _made(size)
             return "".join(pieces)
 
     env = Environment(trim_blocks=True, lstrip_blocks=True)  # no loader: include, extends and import fail
@@ -258,31 +325,16 @@ _ENV = None
 @contextmanager
 def _budget(size: int) -> Iterator[None]:
     """Template code on this thread runs for at most MAX_SECONDS and makes nothing bigger than `size`."""
-    deadline = time.monotonic() + MAX_SECONDS
-    ticks = 0
-
-    def line(frame, event, arg):  # each line of template code
-        nonlocal ticks
-        ticks += 1
-        if ticks & 255 == 0 and time.monotonic() > deadline:
-            raise _OverBudget
-        return line
-
-    def call(frame, event, arg):  # each call or generator step anywhere: lines are traced in template code only
-        nonlocal ticks
-        ticks += 1
-        if ticks & 255 == 0 and time.monotonic() > deadline:
-            raise _OverBudget
-        return line if frame.f_code.co_filename == "<template>" else None
-
-    previous_trace, previous_size = sys.gettrace(), getattr(_limit, "size", None)
-    _limit.size = size
-    sys.settrace(call)
+    previous = {k: getattr(_limit, k) for k in ("size", "made", "deadline") if hasattr(_limit, k)}
+    _limit.size, _limit.made, _limit.deadline = size, 0, time.monotonic() + MAX_SECONDS
     try:
         yield
     finally:
-        sys.settrace(previous_trace)
-        _limit.size = previous_size if previous_size is not None else MAX_SIZE
+        for k in ("size", "made", "deadline"):
+            if k in previous:
+                setattr(_limit, k, previous[k])
+            elif hasattr(_limit, k):
+                delattr(_limit, k)
 
 
 def _reason(e: BaseException) -> str:
@@ -312,6 +364,8 @@ def _compiled(source: str):
 
 def compile_template(source: str | None):
     """The template, compiled in the sandbox; TemplateError when it does not compile."""
+    if isinstance(source, str) and len(source) > MAX_TEMPLATE:
+        raise TemplateError(f"{PREFIX}it is {len(source):,} characters long (at most {MAX_TEMPLATE:,})")
     try:
         return _compiled(source or CHATML)
     except (Exception, _OverBudget) as e:  # noqa: BLE001 - the template is the model file's code: any failure is the file's
@@ -326,6 +380,7 @@ def _run(template, messages: list[dict], kw: dict) -> str:
     try:
         with _budget(size):
             for piece in template.generate(messages=messages, **kw):
+                _tick()
                 total += len(piece)
                 if total > size:
                     raise _TooBig(f"its output is longer than {size:,} characters")

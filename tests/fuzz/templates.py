@@ -138,6 +138,14 @@ HOSTILE = {
     "call loop": "{% set ns = namespace(n=0) %}{% for i in range(100000) %}{% for j in range(100000) %}"
                  "{% set ns.n = ns.n + 1 %}{% endfor %}{% endfor %}",
     "batch": "{{ range(100000)|batch(100000)|list|length }}",
+    "batch padding": "{{ range(10)|batch(10**9, 'x')|list }}",
+    "slices kept": "{% set big = 'x' * 1000000 %}{% set ns = namespace(l=[]) %}{% for i in range(100000) %}"
+                   "{% set ns.l = ns.l + [big[i:]] %}{% endfor %}",
+    "many medium strings": "{{ range(100000)|map('center', 1000000)|list|length }}",
+    "macro output": "{% set big = 'x' * 1000000 %}{% macro f() %}{% for i in range(10000) %}{{ big }}{% endfor %}{% endmacro %}"
+                    "{{ f()|length }}",
+    "set block": "{% set big = 'x' * 1000000 %}{% set x %}{% for i in range(10000) %}{{ big }}{% endfor %}{% endset %}",
+    "empty loops over lists": "{% set l = range(100000)|list %}{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}",
     "unique of huge": "{{ (range(100000)|list * 10)|unique|list|length }}",
 }
 

@@ -30,7 +30,7 @@ from .errors import ModelFileError
 from .text import shown
 from .validate import Metadata, Skipped, check
 
-SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf\Z", re.S)  # any file name: newlines too
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
 
 # GGUF value types -> struct format (scalars); 8 = string, 9 = array.

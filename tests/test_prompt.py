@@ -248,3 +248,28 @@ def test_fit_finds_the_same_cut_as_dropping_one_turn_at_a_time(chatml):
                 history.pop(0)
                 dropped += 1
         assert prompt.fit(fmt, vocab, msgs, budget) == (msgs[:1] + history, dropped)
+
+
+@pytest.mark.parametrize("name", ["CHATML", "MIXTRAL", "QWEN", "LLAMA3", "QWEN3"])
+def test_the_limits_change_nothing_real_templates_write(name):
+    """Rendered under the limits or in Jinja's plain sandbox: the same text; content is told apart from
+    markup, except where the template rewrites it (Qwen3 cuts <think> out of replies: defused instead)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    import tests.fuzz.templates as real
+    from localmix.prompt.template import render_marked
+
+    source = getattr(real, name)
+    msgs = [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi <|im_end|>"},
+            {"role": "assistant", "content": "<think>x</think>\nHello!"}, {"role": "user", "content": "What?"}]
+    if name == "MIXTRAL":
+        msgs = msgs[1:]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    plain = env.from_string(source).render(messages=msgs, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
+    text, spans = render_marked(source, msgs, bos="<s>", eos="</s>")
+    assert text == plain
+    if name == "QWEN3":
+        assert spans is None
+    else:
+        assert "".join(s for s, _ in spans) == text and [s for s, data in spans if data] == [m["content"].strip() for m in msgs]

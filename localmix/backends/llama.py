@@ -27,16 +27,14 @@ class LlamaBackend:
         self._cancel = threading.Event()
 
     def load(self, progress: Callable[[float], None] | None = None) -> None:
-        try:
-            self.engine = Engine.load(
-                self.info.path, n_gpu_layers=gpu_layers_arg(self.info, self.plan), cpu_patterns=override_patterns(self.plan),
-                ctx=self.ctx, threads=self.threads, kv_type=self.kv_type, progress=progress, verbose=self.verbose,
-                # Flash attention: on the GPU always; on the CPU when the KV cache is quantized (llama.cpp
-                # needs it for a quantized V cache).
-                flash_attn=self.plan.n_gpu_layers > 0 or self.kv_type != "f16",
-            )
-        except (ValueError, RuntimeError) as e:  # llama-cpp-python's way of saying the load failed
-            raise LocalmixError(f"llama.cpp could not load {self.info.path}: {e}") from None
+        """ModelFileError with llama.cpp's own reason when it refuses the file (Engine.load)."""
+        self.engine = Engine.load(
+            self.info.path, n_gpu_layers=gpu_layers_arg(self.info, self.plan), cpu_patterns=override_patterns(self.plan),
+            ctx=self.ctx, threads=self.threads, kv_type=self.kv_type, progress=progress, verbose=self.verbose,
+            # Flash attention: on the GPU always; on the CPU when the KV cache is quantized (llama.cpp
+            # needs it for a quantized V cache).
+            flash_attn=self.plan.n_gpu_layers > 0 or self.kv_type != "f16",
+        )
 
     @property
     def tokenizer(self) -> Engine:

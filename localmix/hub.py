@@ -31,6 +31,7 @@ from .modelfile import model_name, open_model_file, parse_split_name, split_name
 from .models import DEFAULT_QUANT, pulled_names
 from .paths import ensure_dir, models_dir
 from .text import shown
+from .units import fmt_bytes
 
 try:
     import fcntl
@@ -347,7 +348,7 @@ def pull(repo: str, quant: str = DEFAULT_QUANT, revision: str | None = None, for
     line about partial downloads of earlier pulls that were removed."""
     files, sizes, hashes, commit = _listing(repo, revision)
     if files is not None and not any(f.endswith(".gguf") for f in files) and any(f.endswith(".safetensors") for f in files):
-        return _quantize(repo, quant, revision, force)
+        return _quantize(repo, quant, revision, force, say)
     parts = choose_files(files if files is not None else _cached_files(repo, revision), quant)
 
     label = pulled_names(repo, quant)[0]
@@ -389,7 +390,7 @@ def _pull_parts(repo: str, parts: list[str], revision: str | None, sizes: dict, 
         raise
 
 
-def _quantize(repo: str, quant: str, revision: str | None, force: bool) -> Path:
+def _quantize(repo: str, quant: str, revision: str | None, force: bool, say: Callable[[str], None]) -> Path:
     from quantize.convert import convert, default_name
     from quantize.hub import resolve
 
@@ -397,5 +398,8 @@ def _quantize(repo: str, quant: str, revision: str | None, force: bool) -> Path:
     out = models_dir() / default_name(repo, quant.upper())
     if out.exists() and not force:
         return out
-    convert(folder, out, quant.upper(), force=force, source=source)
+    def on_stale(r) -> None:
+        say(f"removed a partial file left by an interrupted quantize (pid {r.pid}, {fmt_bytes(r.size)}): {shown(r.path, 400)}")
+
+    convert(folder, out, quant.upper(), force=force, source=source, on_stale=on_stale)
     return out

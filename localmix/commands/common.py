@@ -71,7 +71,7 @@ def open_model(spec: str) -> Path:
             raise
         from ..hub import pull
 
-        return pull(e.repo, e.quant)
+        return pull(e.repo, e.quant, say=lambda line: print(f"localmix: {line}", file=sys.stderr))
 
 
 def planned(args: argparse.Namespace):

@@ -436,3 +436,57 @@ def cases(seed: int, n: int, workdir: Path, base: Path | None = None, timeout: f
     workdir.mkdir(parents=True, exist_ok=True)
     base = base or base_checkpoint(workdir)
     return [make_case(i, seed, workdir, base, timeout) for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.fuzz.checkpoints [--seed S] [--n N]`: a sweep, with totals per kind of outcome. Every
+    success must give a GGUF that localmix opens and nothing may be left but that output."""
+    import argparse
+    import collections
+    import os
+    import tempfile
+    import time
+
+    from tests.fuzz.harness import Harness
+
+    p = argparse.ArgumentParser(prog="python -m tests.fuzz.checkpoints")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--show", type=int, default=40, help="failures to print")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fuzz-ckpt-") as tmp:
+        home = Path(tmp) / "home"
+        env = {"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}
+        os.environ.update(env)
+        from localmix.hardware import detect
+        from localmix.modelfile import open_model_file
+        from quantize.errors import Error
+
+        detect()  # a success ends with a plan summary: the bandwidth probes once, before the cases
+        all_cases = cases(args.seed, args.n, Path(tmp) / "cases")
+        t0 = time.monotonic()
+        with Harness(env=env, workers=args.workers) as h:
+            outcomes = h.run(all_cases)
+        seconds = time.monotonic() - t0
+        kinds = collections.Counter("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback
+                                    else "converted" if o.code == 0 else "refused in one line" if o.ok else "not one line"
+                                    for o in outcomes)
+        left = [f"[{o.case.label}] {f}" for o in outcomes for f in o.new_files if not (o.code == 0 and f == OUT)]
+        unreadable = []
+        for o in outcomes:
+            if o.code == 0:
+                try:
+                    open_model_file(Path(o.case.cwd) / OUT)
+                except Error as e:
+                    unreadable.append(f"[{o.case.label}] {e}")
+    print(f"{len(outcomes)} cases in {seconds:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+          + f"; {len(left)} files left behind; {len(unreadable)} outputs localmix cannot open")
+    bad = [o for o in outcomes if not o.ok]
+    for line in [o.describe() for o in bad][: args.show] + left[: args.show] + unreadable[: args.show]:
+        print(" ", line[:500])
+    return 1 if bad or left or unreadable else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,3 +36,12 @@ def markup(value: object, limit: int = MAX_SHOWN) -> str:
     from rich.markup import escape
 
     return escape(shown(value, limit))
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def terminal_safe(text: str) -> str:
+    """Multi-line text (a model's reply) for a terminal: lines and tabs kept, every other control character
+    (ESC, BEL, CR, backspace, C1) escaped, so a reply cannot move the cursor, retitle or clear the screen."""
+    return text.translate(_CONTROLS)

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..describe import summary_line
     from ..loader import load
     from ..reply import reply
+    from ..text import terminal_safe
     from .common import open_model, planned
 
     toolset, schema = _toolset(args), _schema(args)
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     # Printed as it comes, except what must be whole first: constrained JSON (validated before it is
     # printed) and each round of a tool conversation (a round may turn out to be a call).
     hold = schema is not None or toolset is not None
+    # A model's reply is text from a file too: on a terminal its control characters are shown, not obeyed.
+    show = terminal_safe if sys.stdout.isatty() else str
     pieces, stats = [], None
     try:
         for event in reply(backend, msgs, sampling, toolset=toolset, choice=args.tool_choice, grammar=grammar,
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(event, Text):
                 pieces.append(event.text)
                 if not hold:
-                    sys.stdout.write(event.text)
+                    sys.stdout.write(show(event.text))
                     sys.stdout.flush()
             elif isinstance(event, ToolCalls):
                 pieces = []  # what came before was the call
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
         validate(text, schema)
     if hold:
-        sys.stdout.write(text)
+        sys.stdout.write(show(text))
     sys.stdout.write("\n")
     if args.verbose and stats is not None:
         _print_timings(stats, time.perf_counter() - t0, t_load, p.plan.decode_tps)

@@ -29,7 +29,7 @@ def store_models() -> list:
     return sorted(paths, key=lambda p: -p.stat().st_mtime)
 
 
-def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int = 4096, kv_type: str = "f16",
+def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | None = None, kv_type: str = "f16",
                  threads: int | None = None, default_model=None):
     """The app's loader: (progress, path) -> (backend, {"split", "summary"}), run in the app's loading
     thread. No path and no default model: the demo, built on first use."""
@@ -45,7 +45,8 @@ def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int = 
         path = path or default_model or ensure_demo(lambda f: progress(f, "Building the demo model (first run only)"))
         p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type)
         backend = load(p, threads=threads, progress=lambda f: progress(f, f"Loading {Path(path).name}"))
-        return backend, {"split": split_label(p.plan), "summary": summary_line(p.info, p.plan)}
+        summary = " · ".join([summary_line(p.info, p.plan), *p.notes])  # e.g. the context lowered to the trained one
+        return backend, {"split": split_label(p.plan), "summary": summary}
 
     return prepare
 

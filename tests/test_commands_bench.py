@@ -20,5 +20,5 @@ def test_bench_reports_predicted_beside_measured(smol):
 
 
 def test_bench_flag_errors(smol):
-    assert one_line_error(run_cli("bench", str(smol), "--gen-tokens", "0"), "must be positive")
+    assert one_line_error(run_cli("bench", str(smol), "--gen-tokens", "0"), "--gen-tokens: 0 is out of range", code=2)
     assert one_line_error(run_cli("bench", str(smol), "--ctx", "16", "--gen-tokens", "32"), "leaves no room")

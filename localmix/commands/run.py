@@ -53,11 +53,14 @@ def run(args: argparse.Namespace) -> int:
     prompt = _stdin_prompt() if args.prompt == "-" else _text(args.prompt)
     msgs = messages(_text(args.system) if args.system else None, prompt)
     if args.print_prompt:
-        sys.stdout.write(_prompt_text(open_model(args.model), msgs, toolset))
+        from ..modelfile import open_model_file
+
+        sys.stdout.write(_prompt_text(open_model_file(open_model(args.model)), msgs, toolset))
         return 0
 
     t0 = time.perf_counter()
     p = planned(args)
+    _prompt_text(p.model, msgs, toolset)  # a chat template that fails says so now, not after minutes of loading
     if args.verbose:
         print(f"plan: {summary_line(p.info, p.plan)}", file=sys.stderr)
     backend = load(p, threads=args.threads)
@@ -190,14 +193,12 @@ def _schema(args):
     return schema
 
 
-def _prompt_text(path, msgs: list[dict], toolset) -> str:
+def _prompt_text(mf, msgs: list[dict], toolset) -> str:
     """The text of the tokens the model will evaluate, read from its vocabulary (no weights loaded)."""
     from .. import prompt
     from ..loader import vocabulary
     from ..model_info import model_info
-    from ..modelfile import open_model_file
 
-    mf = open_model_file(path)
     vocab = vocabulary(mf)
     try:
         tokens = prompt.encode(model_info(mf).prompt, vocab, msgs, toolset.specs() if toolset else None)

@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from tests.fuzz.gguf import cases
-from tests.fuzz.harness import Case, Harness, failures, leftovers
+from tests.fuzz.harness import Case, Harness, failures, isolated_env, leftovers
 from tests.support.ggufs import ARR, F16, I32, STR, U32, U64, Model, base_model, serialise
 
 RUN = ["hi", "--max-tokens", "2", "--vram", "0", "--ctx", "512", "--threads", "1", "--seed", "1"]
@@ -20,7 +20,7 @@ RUN = ["hi", "--max-tokens", "2", "--vram", "0", "--ctx", "512", "--threads", "1
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     home = tmp_path_factory.mktemp("fuzz-home")
-    with Harness(env={"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}) as h:
+    with Harness(env=isolated_env(home)) as h:
         # The bandwidth probes, once and alone: every later case reads them from the cache.
         warm = tmp_path_factory.mktemp("warm")
         (warm / "base.gguf").write_bytes(serialise(base_model()))

@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     import time
 
-    from tests.fuzz.harness import Harness
+    from tests.fuzz.harness import Harness, isolated_env
 
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.checkpoints")
     p.add_argument("--seed", type=int, default=1)
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fuzz-ckpt-") as tmp:
         home = Path(tmp) / "home"
-        env = {"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}
+        env = isolated_env(home)
         os.environ.update(env)
         from localmix.hardware import detect
         from localmix.modelfile import open_model_file
@@ -469,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         with Harness(env=env, workers=args.workers) as h:
             outcomes = h.run(all_cases)
         seconds = time.monotonic() - t0
-        kinds = collections.Counter("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback
-                                    else "converted" if o.code == 0 else "refused in one line" if o.ok else "not one line"
-                                    for o in outcomes)
+        named = {"ok": "refused in one line"}
+        kinds = collections.Counter("converted" if o.ok and o.code == 0 else named.get(o.kind, o.kind) for o in outcomes)
         left = [f"[{o.case.label}] {f}" for o in outcomes for f in o.new_files if not (o.code == 0 and f == OUT)]
         unreadable = []
         for o in outcomes:

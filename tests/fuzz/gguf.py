@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     import time
 
-    from tests.fuzz.harness import Harness, leftovers
+    from tests.fuzz.harness import Harness, isolated_env, leftovers
 
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.gguf")
     p.add_argument("--seed", type=int, default=1)
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fuzz-gguf-") as tmp:
         home = Path(tmp) / "home"
-        env = {"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}
+        env = isolated_env(home)
         os.environ.update(env)
         from localmix.hardware import detect
 
@@ -461,9 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for o in outcomes:
         command = o.case.argv[0]
-        kind = ("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback else "ok" if o.ok
-                else "not one line")
-        kinds[command][kind] += 1
+        kinds[command][o.kind] += 1
         if o.ok and o.code == 1 and len(o.stderr) > 400:
             kinds[command]["long message"] += 1
         if "\x1b" in o.stderr + (o.stdout if command != "run" else ""):  # run's stdout is the model's reply

@@ -59,6 +59,13 @@ class Outcome:
             return False
         return self.code == 0 or self.one_line_error
 
+    @property
+    def kind(self) -> str:
+        """How it ended, for a sweep's totals: hang, signal, traceback, ok or "not one line"."""
+        if self.hung or self.signal or self.traceback:
+            return "hang" if self.hung else "signal" if self.signal else "traceback"
+        return "ok" if self.ok else "not one line"
+
     def describe(self) -> str:
         how = "hung" if self.hung else f"signal {self.signal}" if self.signal else f"exit {self.code}"
         err = self.stderr.strip().splitlines()
@@ -95,6 +102,11 @@ class Harness:
         if not line:
             raise RuntimeError("the fuzz server died")
         return [Outcome(case=c, **r) for c, r in zip(cases, json.loads(line), strict=True)]
+
+
+def isolated_env(home: Path) -> dict[str, str]:
+    """The environment of a sweep's cases: its own store and Hugging Face cache, offline."""
+    return {"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}
 
 
 def failures(outcomes: list[Outcome]) -> str:

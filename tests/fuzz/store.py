@@ -372,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes = h.run(all_cases)
         seconds = time.monotonic() - t0
         problems = [p for o in outcomes for p in check(o)]
-    kinds = collections.Counter("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback
-                                else "ok" if o.ok else "not one line" for o in outcomes)
+    kinds = collections.Counter(o.kind for o in outcomes)
     commands = collections.Counter(c.command for c in all_cases)
     wrong = sum("wrong files touched" in p or "opened" in p or "rm of" in p for p in problems)
     print(f"{len(outcomes)} cases ({', '.join(f'{k} {v}' for k, v in sorted(commands.items()))}) in {seconds:.0f} s: "

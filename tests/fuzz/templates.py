@@ -19,19 +19,13 @@ from pathlib import Path
 
 from tests.fuzz.gguf import ARR, STR, U32, base_model, serialise
 from tests.fuzz.harness import Case, Outcome
+from tests.support.fake_backend import MIXTRAL
 
 SECRET = "s3cr3t-7f1d2c9a"  # in SECRET.txt beside each model, and in the environment as SECRET_ENV
 SECRET_ENV = "LOCALMIX_FUZZ_SECRET"
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-MIXTRAL = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
 # Written after real models' templates (Qwen2.5, Llama 3.1, Qwen3): tools, namespaces, slices, trim, split.
 QWEN = (
     '{%- if tools %}\n'
@@ -397,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     import time
 
-    from tests.fuzz.harness import Harness, failures, leftovers
+    from tests.fuzz.harness import Harness, failures, isolated_env, leftovers
 
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.templates")
     p.add_argument("--seed", type=int, default=1)
@@ -407,15 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fuzz-templates-") as tmp:
         home = Path(tmp) / "home"
-        env = {"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf"), SECRET_ENV: SECRET}
+        env = {**isolated_env(home), SECRET_ENV: SECRET}
         os.environ.update(env)
         all_cases = cases(args.seed, args.n, Path(tmp) / "cases", run_every=args.run_every)
         t0 = time.monotonic()
         with Harness(env=env, workers=args.workers) as h:
             outcomes = h.run(all_cases)
         seconds = time.monotonic() - t0
-    kinds = collections.Counter("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback
-                                else "leak" if secret_leaked(o) else "ok" if o.ok else "not one line" for o in outcomes)
+    kinds = collections.Counter("leak" if o.kind == "ok" and secret_leaked(o) else o.kind for o in outcomes)
     print(f"{len(outcomes)} cases in {seconds:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     print(f"files left: {len(leftovers(outcomes))}")
     bad = [o for o in outcomes if not o.ok or secret_leaked(o)]

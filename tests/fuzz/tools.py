@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     import time
 
-    from tests.fuzz.harness import Harness, failures, leftovers
+    from tests.fuzz.harness import Harness, failures, isolated_env, leftovers
 
     p = argparse.ArgumentParser(prog="python -m tests.fuzz.tools")
     p.add_argument("--seed", type=int, default=1)
@@ -98,14 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fuzz-tools-") as tmp:
         home = Path(tmp) / "home"
-        env = {"LOCALMIX_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}
+        env = isolated_env(home)
         all_cases = cases(args.seed, args.n, Path(tmp) / "cases")
         t0 = time.monotonic()
         with Harness(env=env, workers=args.workers) as h:
             outcomes = h.run(all_cases)
         seconds = time.monotonic() - t0
-    kinds = collections.Counter("hang" if o.hung else "signal" if o.signal else "traceback" if o.traceback
-                                else "ok" if o.ok else "not one line" for o in outcomes)
+    kinds = collections.Counter(o.kind for o in outcomes)
     print(f"{len(outcomes)} cases in {seconds:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     print(f"files left: {len(leftovers(outcomes))}")
     bad = [o for o in outcomes if not o.ok]

@@ -54,6 +54,10 @@ class ModelInfo:
     name: str = ""
     file_type: str = ""
     prompt: PromptFormat = field(default_factory=PromptFormat, repr=False)
+    # How often each expert of each layer was chosen while quantize calibrated the model (one row per
+    # layer), over `routing_tokens` tokens; empty when the file carries no such statistics.
+    routing: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
+    routing_tokens: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -93,6 +97,20 @@ def layer_of(name: str) -> int:
     return int(parts[1]) if name.startswith("blk.") and len(parts) > 2 and parts[1].isdigit() else -1
 
 
+ROUTING_COUNTS = "localmix.routing.expert_counts"  # written by quantize --imatrix auto
+ROUTING_TOKENS = "localmix.routing.tokens"
+
+
+def routing_table(kv: dict, n_layer: int, n_expert: int) -> tuple[tuple[int, ...], ...]:
+    """The routing statistics as rows of per-expert counts, or () when absent or not of the model's
+    shape (they are informative only: a file with odd ones still loads)."""
+    counts = kv.get(ROUTING_COUNTS)
+    if (not isinstance(counts, list) or n_expert < 2 or len(counts) != n_layer * n_expert
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+        return ()
+    return tuple(tuple(counts[i * n_expert:(i + 1) * n_expert]) for i in range(n_layer))
+
+
 def model_info(mf: ModelFile) -> ModelInfo:
     try:
         return _model_info(mf)
@@ -121,16 +139,19 @@ def _model_info(mf: ModelFile) -> ModelInfo:
         i = kv.get(key)
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
 
+    n_layer, n_expert = int(a("block_count")), int(a("expert_count", 0) or 0)
+    routing = routing_table(kv, n_layer, n_expert)
+    tokens_seen = kv.get(ROUTING_TOKENS)
     return ModelInfo(
         path=str(mf.path),
         arch=arch,
-        n_layer=int(a("block_count")),
+        n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=most("attention.head_count_kv", n_head),
         head_dim=int(a("attention.key_length", 0) or (n_embd // n_head if n_head else 0)),
         n_ff=most("feed_forward_length"),
-        n_expert=int(a("expert_count", 0) or 0),
+        n_expert=n_expert,
         n_expert_used=int(a("expert_used_count", 0) or 0),
         n_ctx_train=int(a("context_length", 4096) or 4096),
         n_vocab=len(tokens) or int(a("vocab_size", 0) or 0),
@@ -145,6 +166,8 @@ def _model_info(mf: ModelFile) -> ModelInfo:
             add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", kv.get("tokenizer.ggml.model") == "llama")),
             native_tools=set(CONTROL) <= set(tokens),
         ),
+        routing=routing,
+        routing_tokens=tokens_seen if routing and isinstance(tokens_seen, int) and tokens_seen >= 0 else 0,
     )
 
 

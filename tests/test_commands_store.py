@@ -170,3 +170,22 @@ def test_hostile_stores_fuzz(tiny_gguf, tmp_path):
         outcomes = h.run(batch)
     problems = [p for o in outcomes for p in check(o)]
     assert not problems, f"{len(problems)} problems in {len(batch)} cases:\n" + "\n".join(problems[:30])
+
+
+def test_info_shows_the_routing_heat_table(tmp_path):
+    from localmix.commands.info import shares, skew
+    from tests.support.ggufs import ARR, KV, U64, base_model, write
+
+    m = base_model()
+    counts = [700, 500, 400, 400, 1000, 600, 300, 100]
+    m.kv += [KV("localmix.routing.tokens", U64, 1000), KV("localmix.routing.expert_counts", ARR, counts, U64)]
+    path = write(m, tmp_path / "routed.gguf")
+    d = json.loads(run_cli("info", str(path), "--json").stdout)
+    assert d["routing"] == {"tokens": 1000, "expert_counts": [[700, 500, 400, 400], [1000, 600, 300, 100]]}
+    assert shares([1000, 600, 300, 100]) == [0.5, 0.3, 0.15, 0.05] and skew([1000, 600, 300, 100]) == 2.0
+    text = run_cli("info", str(path))
+    assert text.returncode == 0, text.stderr
+    assert "Expert routing" in text.stdout and "1,000 tokens" in text.stdout
+    rows = [line for line in text.stdout.splitlines() if "2.00x" in line]
+    assert len(rows) == 1 and "50.0%" in rows[0] and "5.0%" in rows[0]
+    assert "Expert routing" not in run_cli("info", str(write(base_model(), tmp_path / "plain.gguf"))).stdout

@@ -47,3 +47,25 @@ def test_hand_written_file_with_per_layer_heads_and_a_hostile_name(tmp_path):
     info = read_model_info(path)
     assert info.n_head_kv == 2  # the largest: what sizes the KV cache
     assert info.name.startswith("\\x1b]0;x\\x07nnn") and info.name.endswith("(1,006 characters)") and "\x1b" not in info.name
+
+
+def _with_routing(tmp_path, counts, tokens=1000, sub=None):
+    from tests.support.ggufs import KV, U64, write
+
+    m = base_model()
+    m.kv += [KV("localmix.routing.tokens", U64, tokens), KV("localmix.routing.expert_counts", ARR, counts, sub or U64)]
+    return write(m, tmp_path / "routed.gguf")
+
+
+def test_routing_statistics_are_rows_per_layer(tmp_path):
+    # base_model: 2 layers of 4 experts, top-2: each layer's counts sum to tokens x 2
+    counts = [700, 500, 400, 400, 1000, 600, 300, 100]
+    info = read_model_info(_with_routing(tmp_path, counts))
+    assert info.routing == ((700, 500, 400, 400), (1000, 600, 300, 100)) and info.routing_tokens == 1000
+
+
+def test_routing_statistics_of_the_wrong_shape_are_ignored(tmp_path):
+    info = read_model_info(_with_routing(tmp_path, [1, 2, 3]))  # 3 values for 2 layers x 4 experts
+    assert info.routing == () and info.routing_tokens == 0
+    info = read_model_info(_with_routing(tmp_path, [-1] * 8, sub=I32))
+    assert info.routing == ()

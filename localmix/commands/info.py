@@ -36,7 +36,56 @@ def describe(mf, info) -> dict:
                  else "in the chat template" if "tool" in template else "JSON protocol (localmix)",
         "source": kv.get("general.source.huggingface.repository"),
         "quantized_by": kv.get("general.quantized_by"),
+        "routing": {"tokens": info.routing_tokens, "expert_counts": [list(r) for r in info.routing]} if info.routing else None,
     }
+
+
+def shares(row) -> list[float]:
+    """Each expert's share of a layer's choices."""
+    total = sum(row)
+    return [c / total if total else 0.0 for c in row]
+
+
+def skew(row) -> float:
+    """The busiest expert's share over an even share (1.0: perfectly balanced routing)."""
+    return max(shares(row), default=0.0) * len(row)
+
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def heat_cell(share: float, n_expert: int) -> str:
+    """A share as a background colour from cold (blue, half of even or less) to hot (red, twice even or more)."""
+    x = min(max(share * n_expert / 2, 0.25), 1.0)  # even share -> 0.5
+    red, blue = int(255 * x), int(255 * (1 - x))
+    return f"on rgb({red},64,{blue})"
+
+
+def routing_table(routing: list[list[int]], tokens: int):
+    """Per layer: each expert's share of the choices, coloured by heat (a bar per expert when there are
+    too many experts for columns), and the skew."""
+    from rich.table import Table
+
+    n_expert = len(routing[0])
+    t = Table(title=f"Expert routing while calibrating ({tokens:,} tokens): share of each layer's choices",
+              title_justify="left")
+    t.add_column("layer", justify="right")
+    wide = n_expert <= 16
+    if wide:
+        for e in range(n_expert):
+            t.add_column(f"e{e}", justify="right")
+    else:
+        t.add_column("experts (bar height: share, relative to the busiest)")
+    t.add_column("skew", justify="right")
+    for i, row in enumerate(routing):
+        s = shares(row)
+        if wide:
+            cells = [f"[{heat_cell(x, n_expert)}]{x:5.1%}[/]" for x in s]
+        else:
+            top = max(s) or 1.0
+            cells = ["".join(BARS[min(len(BARS) - 1, int(x / top * len(BARS)))] for x in s)]
+        t.add_row(str(i), *cells, f"{skew(row):.2f}x")
+    return t
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     for name, v in d["tensor_types"].items():
         types.add_row(name, f"{v['bytes'] / GiB:.2f}", f"{v['share']:.1%}")
     con.print(types)
+    if d["routing"]:
+        con.print(routing_table(d["routing"]["expert_counts"], d["routing"]["tokens"]))
     if d["chat_template"]:
         first = d["chat_template"].strip().splitlines()[0] if d["chat_template"].strip() else ""
         con.print(f"[bold]chat template[/] ({len(d['chat_template']):,} characters): {markup(first, 100)}")

@@ -4,6 +4,11 @@ read (checkpoint.py) -> plan every output tensor: name, shape, type (mapping.py,
 -> write the header (metadata.py, vocab.py) -> stream each tensor in row blocks: bf16/f16/f32 to f32,
 q/k RoPE permutation, llama.cpp's kernel (ggml.py) -> rename the finished file into place.
 
+With an importance matrix (an `Importance`: an imatrix file, or the calibration computing one layer by
+layer as the pass reaches it), each quantized tensor's weights are asked for just before its first block
+and each expert's rows go to the kernel with that expert's row of weights, as llama-quantize does.
+Routing statistics the importance gathers are reserved as the header's last key and patched after the pass.
+
 Memory: the weights are memory-mapped and processed in blocks of BLOCK_ELEMENTS weights; each block's
 source pages leave our resident set once it is encoded, and at most 2 blocks per thread are in flight.
 Peak RSS is therefore the program and its tokenizer tables plus about 2 x threads x (1 MiB of float32,
@@ -26,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import gguf
 import numpy as np
@@ -35,17 +41,42 @@ from . import __version__
 from .checkpoint import Checkpoint, TensorRef, disk_free, open_checkpoint, to_f32
 from .errors import QuantizeError, shown
 from .ggml import default_threads, quantize_rows
+from .imatrix import Imatrix
 from .layout import check_layout
 from .mapping import gguf_order, map_name
 from .metadata import HParams, add_hparams, llama3_rope_freqs, read_hparams
 from .partials import Removed, locked, partial_path, remove_stale_partials
 from .recipe import OUT_TYPES, ModelShape, row_bytes, tensor_type
+
+try:  # engineer R's recipe: llama-quant.cpp's tensor_requires_imatrix (until it lands: nothing requires one)
+    from .recipe import requires_imatrix
+except ImportError:  # pragma: no cover - transitional
+    def requires_imatrix(name: str, t: T, out: str) -> bool:
+        return False
 from .vocab import load_vocab
 
 BLOCK_ELEMENTS = 1 << 18  # weights handed to one kernel call: 1 MiB of float32
 MAX_THREADS = 512  # GGML_MAX_N_THREADS, as the CLI's --threads
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 STORED = {"BF16": T.BF16, "F16": T.F16, "F32": T.F32}
+KV_ROUTING_TOKENS, KV_ROUTING_COUNTS = "localmix.routing.tokens", "localmix.routing.expert_counts"
+
+
+class Importance(Protocol):
+    """Importance weights for the quantization kernels (quantize.imatrix.Imatrix, quantize.calibrate.Calibrator)."""
+
+    source: str  # "auto" or the imatrix file, for quantize.imatrix.file
+    routing_tokens: int  # tokens the routing counts are taken over (known before the pass)
+
+    def weights(self, name: str) -> np.ndarray | None:
+        """float32 [n_mat, n_per_row] (or n_mat * n_per_row values in any shape), or None: asked in file order
+        just before tensor `name` is quantized, only for tensors that are."""
+
+    def routing_shape(self) -> tuple[int, int] | None:
+        """(n_layer, n_expert) when routing counts will be known after the pass."""
+
+    def routing(self) -> np.ndarray:
+        """uint64 [n_layer, n_expert]: how often each expert was chosen; asked after the last tensor."""
 
 
 @dataclass
@@ -55,6 +86,7 @@ class OutTensor:
     type: T
     parts: list[TensorRef]  # one per expert for stacked tensors, else one
     permute: str | None = None  # "q"/"k": rows reordered for llama.cpp's RoPE
+    stored: T = T.F32  # the type it has in a GGUF that keeps the checkpoint's (what llama-quantize reads)
     extra: np.ndarray | None = None  # a tensor we compute instead of read (rope_freqs)
 
     @property
@@ -70,6 +102,14 @@ class OutTensor:
     def n_elements(self) -> int:
         return int(np.prod(self.shape))
 
+    @property
+    def n_mat(self) -> int:  # experts of a stacked tensor, else 1
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    @property
+    def converted(self) -> bool:  # llama-quantize's `quantize` (cur_type != new_type): the tensors it looks up weights for
+        return bool(self.parts) and self.type != self.stored
+
 
 @dataclass
 class Summary:
@@ -81,13 +121,15 @@ class Summary:
     peak_rss: int
     types: Counter = field(default_factory=Counter)
     hparams: HParams | None = None
+    importance_seconds: float = 0.0  # spent computing importance weights (the calibration, with --imatrix auto)
+    with_importance: int = 0  # tensors quantized with importance weights
 
     @property
     def bits_per_weight(self) -> float:
         return self.file_bytes * 8 / max(1, self.n_params)
 
 
-def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str) -> list[OutTensor]:
+def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str, has_imatrix: bool = False) -> list[OutTensor]:
     """Every output tensor with its shape and type, in the order llama.cpp lists them (of a checkpoint
     `layout.check_layout` accepted)."""
     grouped: dict[str, dict] = {}
@@ -118,12 +160,65 @@ def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str) -> list[OutTensor]:
         stored = STORED[first.dtype] if len(tshape) >= 2 else T.F32
         if name.endswith("ffn_gate_inp.weight"):
             stored = T.F32  # routers stay F32, as llama.cpp writes them
-        t = tensor_type(name, tshape[-1], len(tshape), stored, out_type, shape)
-        out.append(OutTensor(name, tuple(tshape), t, parts, g["permute"]))
+        t = _tensor_type(name, tshape[-1], len(tshape), stored, out_type, shape, has_imatrix)
+        out.append(OutTensor(name, tuple(tshape), t, parts, g["permute"], stored))
     freqs = llama3_rope_freqs(hp)
     if freqs is not None:
         out.append(OutTensor("rope_freqs.weight", freqs.shape, T.F32, [], extra=freqs))
     return sorted(out, key=lambda t: gguf_order(t.name))
+
+
+def _tensor_type(name: str, ne0: int, n_dims: int, stored: T, out: str, shape: ModelShape, has_imatrix: bool) -> T:
+    if has_imatrix:  # a recipe that knows no imatrix gives the types it would give without one
+        try:
+            return tensor_type(name, ne0, n_dims, stored, out, shape, has_imatrix=True)
+        except TypeError:  # pragma: no cover - transitional, until recipe.py takes has_imatrix
+            pass
+    return tensor_type(name, ne0, n_dims, stored, out, shape)
+
+
+def check_importance(tensors: list[OutTensor], out_type: str, importance: Importance | None) -> None:
+    """What llama-quantize refuses, before a byte is written: a type whose tensors need an imatrix without
+    one; and, for an imatrix file, an entry of another size than its tensor or a missing one for a tensor that
+    needs it. (Weights computed as the pass goes are held to the same in `_importance_of`.)"""
+    for t in tensors:
+        needs = t.converted and requires_imatrix(t.name, t.type, out_type)
+        if needs and importance is None:
+            raise QuantizeError(
+                f"{out_type} needs an importance matrix ({t.name} becomes {t.type.name}): use --imatrix auto or --imatrix FILE"
+            )
+        if not isinstance(importance, Imatrix) or not t.converted:
+            continue
+        e = importance.entries.get(t.name)
+        if e is None and needs:
+            raise QuantizeError(f"the imatrix has no entry for {t.name}, which {out_type} makes {t.type.name}: is it of another model?")
+        if e is not None and e.sums.size != t.n_mat * t.ne0 and t.name != "token_embd.weight":
+            raise _size_error(importance.source, e.sums.size, t)
+
+
+def _size_error(source: str, size: int, t: OutTensor) -> QuantizeError:
+    return QuantizeError(
+        f"imatrix size {size} is different from tensor size {t.n_mat * t.ne0} for {t.name}: "
+        f"{shown(os.path.basename(source) or source, 120)} is of another model"
+    )
+
+
+def _importance_of(t: OutTensor, importance: Importance | None) -> np.ndarray | None:
+    """The tensor's weights as [n_mat, n_per_row], or None (quantized without): llama-quantize ignores a
+    token_embd entry of the wrong size and refuses any other; non-finite weights are refused."""
+    if importance is None or not t.converted:
+        return None
+    w = importance.weights(t.name)
+    if w is None:
+        return None
+    w = np.asarray(w, dtype=np.float32)
+    if w.size != t.n_mat * t.ne0:
+        if t.name == "token_embd.weight":
+            return None
+        raise _size_error(importance.source, w.size, t)
+    if not np.isfinite(w).all():
+        raise QuantizeError(f"importance weights for {t.name} hold NaN or infinite values")
+    return np.ascontiguousarray(w.reshape(t.n_mat, t.ne0))
 
 
 def _row_order(t: OutTensor, hp: HParams, n_rows: int) -> np.ndarray | None:
@@ -147,9 +242,11 @@ class Encoder:
     def close(self) -> None:
         self.pool.shutdown()
 
-    def encode(self, t: OutTensor, order: np.ndarray | None) -> Iterator[np.ndarray]:
+    def encode(self, t: OutTensor, order: np.ndarray | None, weights: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """`weights`: [n_mat, n_per_row], row e for part (expert) e; blocks never span two parts."""
         inflight: deque = deque()
-        for ref in t.parts:
+        for e, ref in enumerate(t.parts):
+            im = None if weights is None else weights[e]
             raw = ref.file.raw(ref)
             rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
             n_rows, row_nbytes = rows.shape[0], rows.shape[1] * rows.itemsize
@@ -162,7 +259,7 @@ class Encoder:
                     done = (ref, ref.begin + r0 * row_nbytes, ref.begin + sel.stop * row_nbytes)
                 else:
                     done = (ref, ref.begin, ref.end) if sel.stop == n_rows else None
-                inflight.append((self.pool.submit(_encode_block, ref, rows, sel, order, t.type), done))
+                inflight.append((self.pool.submit(_encode_block, ref, rows, sel, order, t.type, im), done))
                 if len(inflight) >= self.window:
                     yield _finish(inflight.popleft())
             del raw, rows
@@ -187,7 +284,8 @@ def _non_finite_error(ref: TensorRef, rows: np.ndarray, sel: slice, order: np.nd
     return QuantizeError(f"tensor {shown(ref.name)} holds NaN or infinite values{where}: the checkpoint is damaged")
 
 
-def _encode_block(ref: TensorRef, rows: np.ndarray, sel: slice, order: np.ndarray | None, out_type: T) -> np.ndarray:
+def _encode_block(ref: TensorRef, rows: np.ndarray, sel: slice, order: np.ndarray | None, out_type: T,
+                  imatrix: np.ndarray | None = None) -> np.ndarray:
     src = rows[order[sel]] if order is not None else rows[sel]
     if not _finite(ref, src):  # llama.cpp would compute garbage with it, or refuse the file
         raise _non_finite_error(ref, rows, sel, order)
@@ -196,7 +294,7 @@ def _encode_block(ref: TensorRef, rows: np.ndarray, sel: slice, order: np.ndarra
     f32 = to_f32(ref, src)
     if out_type == T.F32:
         return f32.view(np.uint8).reshape(-1)
-    return quantize_rows(int(out_type), f32)
+    return quantize_rows(int(out_type), f32, imatrix)
 
 
 def _finish(item) -> np.ndarray:
@@ -230,10 +328,12 @@ def convert(
     on_tensor: Callable[[str, int], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_stale: Callable[[Removed], None] | None = None,
+    importance: Importance | None = None,
 ) -> Summary:
     """Convert the checkpoint in `folder` to `out`. `source` may carry `repo` and `revision` for the
     metadata. The callbacks report (number of tensors, total bytes), each finished tensor, bytes, and
-    each partial file of an interrupted earlier run that was removed from the output folder."""
+    each partial file of an interrupted earlier run that was removed from the output folder.
+    `importance`: weights for the kernels (an imatrix file, or the calibration), as llama-quantize's --imatrix."""
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"unknown type {out_type} (choose from {', '.join(OUT_TYPES)})")
     if threads is not None and not 1 <= threads <= MAX_THREADS:
@@ -253,8 +353,10 @@ def convert(
     try:
         hp = read_hparams(ck.config)
         check_layout(ck.tensors, hp)
-        tensors = plan_tensors(ck, hp, out_type)
-        w = _header(folder, hp, tensors, out_type, source or {})
+        tensors = plan_tensors(ck, hp, out_type, has_imatrix=importance is not None)
+        check_importance(tensors, out_type, importance)
+        w = _header(folder, hp, tensors, out_type, source or {}, importance)
+        routing = importance.routing_shape() if importance is not None else None
         data_bytes = sum(t.nbytes + (-t.nbytes % ALIGNMENT) for t in tensors)
         free = disk_free(out.parent)
         if free < data_bytes + (64 << 20):
@@ -264,13 +366,17 @@ def convert(
         if on_start:
             on_start(len(tensors), data_bytes)
         encoder = Encoder(threads or default_threads())
+        stats = _PassStats()
         try:
             with _written_atomically(out) as tmp:
                 try:
                     w.write_header_to_file(path=tmp)
                     w.write_kv_data_to_file()
+                    kv_end = w.fout[0].tell()  # the routing counts are the last bytes of the KV section
                     w.write_ti_data_to_file()
-                    _write_tensors(w.fout[0], tensors, hp, encoder, on_bytes, on_tensor)
+                    _write_tensors(w.fout[0], tensors, hp, encoder, on_bytes, on_tensor, importance, stats)
+                    if routing is not None:
+                        _patch_routing(w.fout[0], kv_end, routing, importance)
                 finally:
                     w.close()
         finally:
@@ -287,10 +393,33 @@ def convert(
         peak_rss=peak_rss(),
         types=Counter(t.type.name for t in tensors),
         hparams=hp,
+        importance_seconds=stats.importance_seconds,
+        with_importance=stats.with_importance,
     )
 
 
-def _header(folder: Path, hp: HParams, tensors: list[OutTensor], out_type: str, source: dict) -> gguf.GGUFWriter:
+@dataclass
+class _PassStats:
+    importance_seconds: float = 0.0
+    with_importance: int = 0
+
+
+def _patch_routing(fout, kv_end: int, shape: tuple[int, int], importance: Importance) -> None:
+    """The routing counts over the zeros reserved for them (the header's last value)."""
+    counts = np.asarray(importance.routing())
+    if counts.shape != tuple(shape) or counts.dtype.kind not in "ui" or (counts < 0).any():
+        raise QuantizeError(f"internal error: routing counts of shape {counts.shape}, expected {tuple(shape)}")
+    data = counts.astype("<u8").tobytes()
+    end = fout.tell()
+    fout.seek(kv_end - len(data))
+    fout.write(data)
+    fout.seek(end)
+    fout.flush()
+    os.fsync(fout.fileno())
+
+
+def _header(folder: Path, hp: HParams, tensors: list[OutTensor], out_type: str, source: dict,
+            importance: Importance | None = None) -> gguf.GGUFWriter:
     """Everything before the tensor data: metadata, tokenizer, and the table of tensors."""
     w = gguf.GGUFWriter(path=None, arch="llama")
     w.add_type(gguf.GGUFType.MODEL)
@@ -305,13 +434,40 @@ def _header(folder: Path, hp: HParams, tensors: list[OutTensor], out_type: str, 
     w.add_string("localmix.version", __version__)
     add_hparams(w, hp)
     load_vocab(folder, hp.vocab_size).add_to(w)
+    if importance is not None:
+        _add_importance(w, importance)
     for t in tensors:
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
     return w
 
 
-def _write_tensors(fout, tensors: list[OutTensor], hp: HParams, encoder: Encoder, on_bytes, on_tensor) -> None:
+def _add_importance(w: gguf.GGUFWriter, importance: Importance) -> None:
+    """The keys llama-quantize writes for --imatrix (strings cut to 127 bytes as its kv overrides are), and
+    zeros for the routing counts, last, to be patched after the pass."""
+    w.add_string("quantize.imatrix.file", _cut(importance.source or "auto"))
+    datasets = getattr(importance, "datasets", None) or []
+    if datasets:
+        w.add_string("quantize.imatrix.dataset", _cut(datasets[0]))
+    entries = getattr(importance, "entries_count", None)
+    if entries:
+        w.add_uint32("quantize.imatrix.entries_count", int(entries))
+    chunks = getattr(importance, "chunk_count", 0)
+    if chunks and chunks > 0:
+        w.add_uint32("quantize.imatrix.chunks_count", int(chunks))
+    shape = importance.routing_shape()
+    if shape is not None:
+        w.add_uint64(KV_ROUTING_TOKENS, int(importance.routing_tokens))
+        w.add_key_value(KV_ROUTING_COUNTS, [0] * (shape[0] * shape[1]), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT64)
+
+
+def _cut(text: str, limit: int = 127) -> str:
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+
+
+def _write_tensors(fout, tensors: list[OutTensor], hp: HParams, encoder: Encoder, on_bytes, on_tensor,
+                   importance: Importance | None = None, stats: _PassStats | None = None) -> None:
     """The data section: each tensor aligned, streamed block by block in the planned order."""
+    stats = stats or _PassStats()
     _write_padding(fout, fout.tell())
     for t in tensors:
         written = 0
@@ -319,7 +475,11 @@ def _write_tensors(fout, tensors: list[OutTensor], hp: HParams, encoder: Encoder
             fout.write(t.extra.tobytes())
             written = t.extra.nbytes
         order = _row_order(t, hp, t.parts[0].shape[0]) if t.parts else None
-        for block in encoder.encode(t, order):
+        t0 = time.perf_counter()
+        weights = _importance_of(t, importance)
+        stats.importance_seconds += time.perf_counter() - t0
+        stats.with_importance += weights is not None
+        for block in encoder.encode(t, order, weights):
             fout.write(block)
             written += block.nbytes
             if on_bytes:

@@ -44,18 +44,24 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def quantize_rows(ggml_type: int, rows: np.ndarray) -> np.ndarray:
+def quantize_rows(ggml_type: int, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize a C-contiguous float32 [n_rows, n_per_row] array to `ggml_type` with llama.cpp's kernel
-    (which also does F16 and BF16 with llama.cpp's rounding); returns the bytes as a uint8 array."""
+    (which also does F16 and BF16 with llama.cpp's rounding); returns the bytes as a uint8 array.
+    `imatrix`: float32 [n_per_row], the importance of each column for these rows (one expert's weights,
+    as llama-quantize passes them: llama-quant.cpp llama_tensor_quantize_impl); the kernels of types
+    that use no importance ignore it."""
     assert rows.dtype == np.float32 and rows.flags.c_contiguous and rows.ndim == 2
     n_rows, n_per_row = rows.shape
+    if imatrix is not None:
+        assert imatrix.dtype == np.float32 and imatrix.flags.c_contiguous and imatrix.shape == (n_per_row,)
     if n_per_row % block_size(ggml_type):  # the kernel would write past the buffer
         raise QuantizeError(f"internal error: row length {n_per_row} does not fit ggml type {ggml_type}")
     rb = row_bytes(ggml_type, n_per_row)
     out = np.empty(rb * n_rows, dtype=np.uint8)
     g = lib()
     _init(ggml_type)
-    written = g.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
+    im = None if imatrix is None else imatrix.ctypes.data
+    written = g.ggml_quantize_chunk(ggml_type, rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, im)
     if written != out.nbytes or g.ggml_row_size(ggml_type, n_per_row) != rb:
         raise QuantizeError(f"internal error: llama.cpp wrote {written} bytes, expected {out.nbytes}")
     if not g.ggml_validate_row_data(ggml_type, out.ctypes.data, out.nbytes):

@@ -46,13 +46,7 @@ from .layout import check_layout
 from .mapping import gguf_order, map_name
 from .metadata import HParams, add_hparams, llama3_rope_freqs, read_hparams
 from .partials import Removed, locked, partial_path, remove_stale_partials
-from .recipe import OUT_TYPES, ModelShape, row_bytes, tensor_type
-
-try:  # engineer R's recipe: llama-quant.cpp's tensor_requires_imatrix (until it lands: nothing requires one)
-    from .recipe import requires_imatrix
-except ImportError:  # pragma: no cover - transitional
-    def requires_imatrix(name: str, t: T, out: str) -> bool:
-        return False
+from .recipe import OUT_TYPES, ModelShape, requires_imatrix, row_bytes, tensor_type
 from .vocab import load_vocab
 
 BLOCK_ELEMENTS = 1 << 18  # weights handed to one kernel call: 1 MiB of float32
@@ -160,21 +154,12 @@ def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str, has_imatrix: bool =
         stored = STORED[first.dtype] if len(tshape) >= 2 else T.F32
         if name.endswith("ffn_gate_inp.weight"):
             stored = T.F32  # routers stay F32, as llama.cpp writes them
-        t = _tensor_type(name, tshape[-1], len(tshape), stored, out_type, shape, has_imatrix)
+        t = tensor_type(name, tshape[-1], len(tshape), stored, out_type, shape, has_imatrix)
         out.append(OutTensor(name, tuple(tshape), t, parts, g["permute"], stored))
     freqs = llama3_rope_freqs(hp)
     if freqs is not None:
         out.append(OutTensor("rope_freqs.weight", freqs.shape, T.F32, [], extra=freqs))
     return sorted(out, key=lambda t: gguf_order(t.name))
-
-
-def _tensor_type(name: str, ne0: int, n_dims: int, stored: T, out: str, shape: ModelShape, has_imatrix: bool) -> T:
-    if has_imatrix:  # a recipe that knows no imatrix gives the types it would give without one
-        try:
-            return tensor_type(name, ne0, n_dims, stored, out, shape, has_imatrix=True)
-        except TypeError:  # pragma: no cover - transitional, until recipe.py takes has_imatrix
-            pass
-    return tensor_type(name, ne0, n_dims, stored, out, shape)
 
 
 def check_importance(tensors: list[OutTensor], out_type: str, importance: Importance | None) -> None:

@@ -82,7 +82,8 @@ def _entries(folder: Path | None = None) -> list[Entry]:
     """(name, files) of each model in the store, from file names alone (nothing is opened)."""
     folder = folder or models_dir()
     try:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".gguf") and not n.startswith("."))
+        # NAME.imatrix.gguf: an importance matrix `quantize --imatrix auto` saved beside its model, not a model
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".gguf") and not n.startswith(".") and not n.endswith(".imatrix.gguf"))
     except OSError as e:
         raise LocalmixError(f"cannot read the model store {shown(folder)}: {e.strerror or e}") from None
     groups: dict[str, list[Path]] = {}

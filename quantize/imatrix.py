@@ -98,6 +98,8 @@ def _read_gguf(path: Path) -> Imatrix:
         r = gguf.GGUFReader(path)
         fields = {k: f for k, f in r.fields.items()}
         tensors = [(t.name, t.tensor_type, [int(d) for d in t.shape], np.array(t.data, copy=True)) for t in r.tensors]
+        if any(data.size != int(np.prod(shape)) for _, _, shape, data in tensors):
+            raise ValueError("tensor data cut short")
         del r  # the memory map goes with the reader
     except Exception as e:  # noqa: BLE001 - gguf-py raises many kinds on a damaged file
         raise _bad(path, f"damaged GGUF ({shown(str(e), 120)})") from None

@@ -279,3 +279,128 @@ def test_a_broken_json_file_is_one_line_naming_it(tiny, tmp_path):
     put(src / "config.json", '{"architectures": ["MixtralForCausalLM"], "hidden_size": 2')
     out = tmp_path / "m.gguf"
     assert_clean_failure(run_cli("quantize", str(src), "-o", str(out)), out, "error: config.json is not valid JSON: Expecting")
+
+
+# -- importance matrices (issue 11) ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_run(tiny, tmp_path_factory):
+    """`--imatrix auto` on the tiny Mixtral, 2048 calibration tokens of the built-in text."""
+    out = tmp_path_factory.mktemp("auto") / "tiny-auto.gguf"
+    r = run_cli("quantize", str(tiny), "-o", str(out), "--type", "Q4_K_M", "--imatrix", "auto", "--calibration-tokens", "2048")
+    return r, out
+
+
+def test_imatrix_auto_saves_the_imatrix_beside_the_output(auto_run):
+    from quantize.imatrix import read_imatrix
+
+    r, out = auto_run
+    assert r.returncode == 0, r.stderr
+    saved = out.with_name("tiny-auto.imatrix.gguf")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-auto.gguf", "tiny-auto.imatrix.gguf"]
+    text = " ".join(r.stdout.split())
+    assert f"saved to {saved}" in text and "computed from 2048 tokens" in text and "(calibration " in text
+    im = read_imatrix(saved)
+    assert (im.chunk_count, im.chunk_size) == (4, 512) and len(im.entries) == 4 * 8
+    m = metadata(out)
+    assert m["quantize.imatrix.file"] == "auto" and m["quantize.imatrix.chunks_count"] == 4
+    counts = np.array(m["localmix.routing.expert_counts"]).reshape(4, 8)
+    assert m["localmix.routing.tokens"] == 2048 and (counts.sum(axis=1) == 2048 * 2).all()  # top-2
+    np.testing.assert_array_equal(counts[1], im.entries["blk.1.ffn_up_exps.weight"].counts)
+
+
+@pytest.mark.llama_tools
+def test_the_saved_imatrix_gives_llama_quantize_the_same_file(auto_run, tiny_gguf, tmp_path):
+    from tests.support.ggufs import differences
+    from tests.support.llama_tools import run_tool
+
+    r, out = auto_run
+    assert r.returncode == 0, r.stderr
+    theirs = tmp_path / "theirs.gguf"
+    q = run_tool("llama-quantize", "--imatrix", out.with_name("tiny-auto.imatrix.gguf"), tiny_gguf("BF16"), theirs, "Q4_K_M", 2)
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert differences(out, theirs) == []
+
+
+def test_imatrix_file_in_the_summary(tiny, tmp_path):
+    from quantize.imatrix import Entry, Imatrix, write_imatrix
+
+    rng = np.random.default_rng(0)
+    entries = {f"blk.{b}.{n}.weight": Entry(rng.uniform(0.1, 1, (k, 256)).astype(np.float32), np.full(k, 10, np.int64))
+               for b in range(4) for n, k in (("attn_q", 1), ("ffn_up_exps", 8))}
+    write_imatrix(Imatrix(entries, 3, 512, ["mine.txt"]), tmp_path / "x.imatrix.gguf")
+    out = tmp_path / "m.gguf"
+    r = run_cli("quantize", str(tiny), "-o", str(out), "--type", "Q4_0", "--imatrix", str(tmp_path / "x.imatrix.gguf"))
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "(8 entries, 3 chunks): 8 tensors weighted" in text
+    assert metadata(out)["quantize.imatrix.dataset"] == "mine.txt"
+
+
+def test_imatrix_auto_without_torch_is_one_line_naming_the_extra(tiny, tmp_path):
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    out = tmp_path / "m.gguf"
+    r = run_cli("quantize", str(tiny), "-o", str(out), "--imatrix", "auto", env={"PYTHONPATH": str(tmp_path / "site")})
+    assert_clean_failure(r, out, "--imatrix auto needs torch: pipx inject localmix torch, or pip install 'localmix[calibrate]'")
+
+
+def test_calibration_flags_are_checked_in_one_line(tiny, tmp_path):
+    out = tmp_path / "m.gguf"
+    (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for args, code, expect in [
+        (["--calibration-text", str(tmp_path / "empty.txt")], 1, "go with --imatrix auto"),
+        (["--calibration-tokens", "100"], 1, "go with --imatrix auto"),
+        (["--imatrix", "auto", "--calibration-tokens", "0"], 2, "0 is out of range"),
+        (["--imatrix", "auto", "--calibration-text", str(tmp_path / "none.txt")], 1, "cannot read calibration text"),
+        (["--imatrix", "auto", "--calibration-text", str(tmp_path / "empty.txt")], 1, "is empty"),
+        (["--imatrix", "auto", "--calibration-text", str(tmp_path / "latin1.txt")], 1, "is not UTF-8 text"),
+        (["--imatrix", "auto", "--calibration-tokens", "100"], 1, "calibration needs at least 512 tokens"),
+        (["--imatrix", ""], 1, "--imatrix needs 'auto' or a file name"),
+        (["--type", "IQ3_XXS"], 1, "IQ3_XXS needs an importance matrix"),
+    ]:
+        r = run_cli("quantize", str(tiny), "-o", str(out), *args)
+        err = r.stderr.strip()
+        assert r.returncode == code and len(err.splitlines()) == 1 and expect in err and "Traceback" not in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "latin1.txt"]
+
+
+def test_an_existing_imatrix_beside_the_output_needs_force(tiny, tmp_path):
+    saved = tmp_path / "m.imatrix.gguf"
+    saved.write_bytes(b"keep me")
+    out = tmp_path / "m.gguf"
+    assert_clean_failure(run_cli("quantize", str(tiny), "-o", str(out), "--imatrix", "auto"), out, "m.imatrix.gguf already exists")
+    assert saved.read_bytes() == b"keep me"
+
+
+def test_own_calibration_text_is_the_dataset(tiny, tmp_path):
+    from quantize.imatrix import read_imatrix
+
+    text = tmp_path / "my text.txt"
+    text.write_text((Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8") * 2, encoding="utf-8")
+    out = tmp_path / "m.gguf"
+    r = run_cli("quantize", str(tiny), "-o", str(out), "--type", "Q4_0", "--imatrix", "auto",
+                "--calibration-text", str(text), "--calibration-tokens", "600")
+    assert r.returncode == 0, r.stderr
+    assert read_imatrix(tmp_path / "m.imatrix.gguf").datasets == [str(text)]
+    assert metadata(out)["quantize.imatrix.dataset"] == str(text)
+
+
+def test_ctrl_c_during_calibration_leaves_nothing(tiny, tmp_path):
+    out = tmp_path / "m.gguf"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localmix", "quantize", str(tiny), "-o", str(out), "--imatrix", "auto", "--calibration-tokens", "8192"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the header is written and the first layer's tensors wait for the calibration of layer 0
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

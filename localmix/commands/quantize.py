@@ -121,13 +121,17 @@ def run(args: argparse.Namespace) -> int:
     with progress:
         importance = imatrix_file
         if auto:
-            importance = _calibrator(folder, text, args.calibration_tokens, progress)
-        s = convert(
-            folder, out, args.type, force=args.force, threads=args.threads, source=source,
-            on_start=on_start, on_tensor=on_tensor, on_bytes=on_bytes, on_stale=on_stale, importance=importance,
-        )
-    if saved is not None:
-        write_imatrix(importance.imatrix(), saved)
+            importance = _calibrator(folder, text, args.calibration_text, args.calibration_tokens, progress)
+        try:
+            s = convert(
+                folder, out, args.type, force=args.force, threads=args.threads, source=source,
+                on_start=on_start, on_tensor=on_tensor, on_bytes=on_bytes, on_stale=on_stale, importance=importance,
+            )
+            if saved is not None:
+                write_imatrix(importance.imatrix(), saved)
+        finally:
+            if auto:
+                importance.close()
 
     con = Console()
     hp = s.hparams
@@ -175,18 +179,17 @@ def _calibration_text(path: Path) -> str:
 
 
 def _need_torch() -> None:
-    import importlib.util
-
+    """Before anything is downloaded or written: the calibration runs in torch (an optional extra)."""
     from ..errors import LocalmixError
 
-    if importlib.util.find_spec("torch") is None:
-        raise LocalmixError(TORCH_MISSING)
+    try:
+        import torch  # noqa: F401 - imported here to fail early; the calibration uses it
+    except ImportError:
+        raise LocalmixError(TORCH_MISSING) from None
 
 
-def _calibrator(folder: Path, text: str | None, max_tokens: int | None, progress):
+def _calibrator(folder: Path, text: str | None, text_file: str | None, max_tokens: int | None, progress):
     """quantize.calibrate's Calibrator, with a line of progress for the layers it runs (in the pass)."""
-    import inspect
-
     from quantize.calibrate import Calibrator
 
     from ..errors import LocalmixError
@@ -196,11 +199,8 @@ def _calibrator(folder: Path, text: str | None, max_tokens: int | None, progress
     def on_layer(i: int, n: int) -> None:
         progress.update(task, completed=i + 1, total=n, tensors=f"layer {i + 1}/{n}", visible=True)
 
-    kwargs = {"max_tokens": max_tokens}
-    if "on_layer" in inspect.signature(Calibrator).parameters:
-        kwargs["on_layer"] = on_layer
     try:
-        return Calibrator(folder, text, **kwargs)
+        return Calibrator(folder, text, max_tokens=max_tokens, on_layer=on_layer, dataset=text_file)
     except ImportError as e:  # torch (or a part of it) missing after all
         raise LocalmixError(f"{TORCH_MISSING} ({e})") from None
 

@@ -374,3 +374,54 @@ def test_dat_reads_with_and_without_its_trailer(tmp_path):
     full = read_imatrix(_dat(tmp_path / "b.dat", [(b"x.weight", 0, [8.0, 2.0])], tail=trailer))
     assert (full.chunk_count, full.datasets) == (9, ["t.txt"])
     np.testing.assert_array_equal(full.weights("x.weight"), [[8.0, 2.0]])  # ncall 0: the values as read
+
+
+def _mutations(seed: int, n: int, good: bytes):
+    """Seeded damage to a good file: bytes flipped, runs overwritten with extreme values, cut short, spliced."""
+    rng = np.random.default_rng(seed)
+    extremes = [struct.pack("<q", v) for v in (-1, 0, 1 << 40, 1 << 62, 0x7FFFFFFF)]
+    extremes += [struct.pack("<f", v) for v in (np.nan, np.inf, -1.0)]
+    for i in range(n):
+        data = bytearray(good)
+        kind = i % 4
+        if kind == 0:
+            for _ in range(rng.integers(1, 8)):
+                data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            v = extremes[rng.integers(len(extremes))]
+            at = int(rng.integers(len(data) - len(v)))
+            data[at : at + len(v)] = v
+        elif kind == 2:
+            data = data[: rng.integers(len(data))]
+        else:
+            a, b = sorted(rng.integers(len(data), size=2))
+            data = data[:a] + data[b:] + data[a:b]
+        yield f"{kind}:{i}", bytes(data)
+
+
+def test_damaged_files_are_read_or_refused_never_a_crash(tmp_path):
+    """A few hundred seeded mutations of a small GGUF imatrix and a .dat: each is read (and its weights are
+    finite float32) or refused with a QuantizeError of one line; never another exception."""
+    rng = np.random.default_rng(1)
+    im = Imatrix({"blk.0.ffn_up_exps.weight": Entry(rng.uniform(0, 9, (4, 32)).astype(np.float32), np.array([5, 0, 7, 9], np.int64)),
+                  "blk.0.attn_q.weight": Entry(rng.uniform(0, 9, (1, 32)).astype(np.float32), np.array([12], np.int64))},
+                 chunk_count=3, chunk_size=512, datasets=["a.txt"])
+    write_imatrix(im, tmp_path / "good.gguf")
+    dat = _dat(tmp_path / "good.dat", [(b"blk.0.attn_q.weight", 3, list(rng.uniform(0, 9, 32))), (b"x.weight", 1, [1.0] * 8)],
+               tail=struct.pack("<ii", 3, 5) + b"a.txt")
+    seen = {"read": 0, "refused": 0}
+    for good in (tmp_path / "good.gguf", dat):
+        for label, data in _mutations(7, 200, good.read_bytes()):
+            path = tmp_path / "bad.imatrix"
+            path.write_bytes(data)
+            try:
+                got = read_imatrix(path)
+            except QuantizeError as e:
+                assert "\n" not in str(e), label
+                seen["refused"] += 1
+                continue
+            for name in got.entries:
+                w = got.weights(name)
+                assert w.dtype == np.float32 and np.isfinite(w).all(), label
+            seen["read"] += 1
+    assert seen["refused"] > 100 and seen["read"] > 10, seen

@@ -19,6 +19,7 @@ COMMANDS = {
     "quantize": ("quantize", "Hugging Face checkpoint (folder or repo id) to a 4-bit GGUF in one streaming pass"),
     "pull": ("pull", "fetch a model from the Hugging Face hub into the store (GGUF, or safetensors to quantize)"),
     "list": ("list", "list the models in the store"),
+    "eval": ("eval", "measure how far a quantized GGUF drifts from its reference (KL divergence, as llama-perplexity)"),
     "info": ("info", "show what a model holds and how it would run here"),
     "rm": ("rm", "remove a model from the store"),
 }

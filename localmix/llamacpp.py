@@ -280,6 +280,13 @@ class Engine:
         return self.llm.token_bos()
 
     @property
+    def adds_bos(self) -> bool:
+        """The vocabulary puts BOS in front of a text (llama.cpp's add_bos: metadata, or the tokenizer's default)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.llm._model.vocab))
+
+    @property
     def eos(self) -> int:
         return self.llm.token_eos()
 
@@ -341,6 +348,34 @@ class Engine:
     def forget(self) -> None:
         """Empty the KV cache."""
         self.llm.reset()
+
+    def logits_after(self, tokens: list[int], first: int):
+        """One sequence evaluated from an empty KV cache in batches of n_batch, as llama-perplexity does:
+        logits (float32 [len(tokens) - first, n_vocab]) of positions `first` onwards only, so the output
+        layer runs for those alone."""
+        import llama_cpp
+        import numpy as np
+
+        llm = self.llm
+        llm._ctx.kv_cache_clear()
+        llm.reset()
+        n_vocab, batch, out = llm.n_vocab(), llm._batch.batch, []
+        for start in range(0, len(tokens), llm.n_batch):
+            part = tokens[start:start + llm.n_batch]
+            batch.n_tokens = len(part)
+            for k, tok in enumerate(part):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, start + k, 1
+                batch.seq_id[k][0] = 0
+                batch.logits[k] = start + k >= first
+            rc = llama_cpp.llama_decode(llm._ctx.ctx, batch)
+            if rc != 0:
+                raise ModelFileError(f"llama.cpp could not evaluate a batch (llama_decode returned {rc})")
+            n_out = max(0, start + len(part) - max(first, start))
+            if n_out:
+                out.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(n_out * n_vocab,))
+                           .reshape(n_out, n_vocab).copy())
+        llm._ctx.kv_cache_clear()
+        return np.concatenate(out) if out else np.zeros((0, n_vocab), np.float32)
 
     def reset_perf(self) -> None:
         import llama_cpp

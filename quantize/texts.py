@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+from .errors import QuantizeError
+
 PARTS = ("en", "fr", "de", "it", "es", "code", "maths")
 SEPARATOR = "\n\n"
 BLOCK = 1500  # characters: about one 512-token chunk of prose, so consecutive chunks change part
@@ -37,7 +39,10 @@ def interleave(texts: list[str], size: int = BLOCK) -> str:
 
 def _joined(kind: str) -> str:
     folder = resources.files("quantize").joinpath("data", "text", kind)
-    texts = [folder.joinpath(f"{part}.txt").read_text(encoding="utf-8") for part in PARTS]
+    try:
+        texts = [folder.joinpath(f"{part}.txt").read_text(encoding="utf-8") for part in PARTS]
+    except OSError as e:  # shipped with the package: a broken installation
+        raise QuantizeError(f"a built-in {kind} text is missing from this installation of localmix: {e.strerror or e}") from None
     return interleave(texts)
 
 

@@ -311,8 +311,11 @@ def gguf_vocabulary(mf: ModelFile) -> list[str]:
 @dataclass
 class Evaluation:
     summary: quality.Summary
-    model: str
-    reference: str
+    model: str  # the GGUF's path
+    model_name: str
+    model_bytes: int
+    model_parameters: int
+    reference: Reference
     ctx: int
     chunks: int
     text_tokens: int  # the whole text's
@@ -323,10 +326,13 @@ class Evaluation:
 
     def as_dict(self) -> dict:
         return {
-            "model": self.model, "reference": self.reference, "ctx": self.ctx, "chunks": self.chunks,
-            "text_tokens": self.text_tokens, "cache": str(self.cache), "cache_reused": self.cache_reused,
-            "reference_seconds": self.reference_seconds, "model_seconds": self.model_seconds,
+            "model": {"path": self.model, "name": self.model_name, "bytes": self.model_bytes,
+                      "parameters": self.model_parameters},
+            "reference": {"kind": self.reference.kind, "path": str(self.reference.path), "given": self.reference.label},
+            "ctx": self.ctx, "chunks": self.chunks, "text_tokens": self.text_tokens,
             **quality.as_dict(self.summary),
+            "cache": {"path": str(self.cache), "reused": self.cache_reused},
+            "seconds": {"reference": self.reference_seconds, "model": self.model_seconds},
         }
 
 
@@ -395,12 +401,13 @@ def evaluate(model: Path, ref: Reference, text: str, *, ctx: int = 512, chunks: 
         for c, logits in enumerate(gguf_logits(engine, tokens, bos)):
             if logits.shape[1] != n_vocab:
                 raise LocalmixError(f"{shown(mf.name)} gives {logits.shape[1]} logits per token, its vocabulary has {n_vocab}")
-            parts.append(quality.positions(quality.expand(cache.rows[c], n_vocab), logits, tokens[c, first_scored(ctx) + 1:]))
+            parts.append(quality.compared(cache.rows[c], n_vocab, logits, tokens[c, first_scored(ctx) + 1:]))
             say("model", c + 1, n_chunk)
     finally:
         engine.close()
     return Evaluation(
-        summary=quality.summarize(quality.joined(parts)), model=str(mf.path), reference=ref.label, ctx=ctx,
+        summary=quality.summarize(quality.joined(parts)), model=str(mf.path), model_name=info.name, model_bytes=mf.size,
+        model_parameters=info.n_params, reference=ref, ctx=ctx,
         chunks=n_chunk, text_tokens=len(all_tokens), cache=path, cache_reused=reused, reference_seconds=ref_seconds,
         model_seconds=time.perf_counter() - t0,
     )

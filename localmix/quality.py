@@ -15,6 +15,12 @@ import numpy as np
 RANGE = 16.0  # nats below the top log-probability the compact form resolves
 FLOOR = -16.0  # reference log-probabilities at or below it are left out of the KLD sum (as llama.cpp does)
 PERCENTILES = (99.9, 99.0, 95.0, 90.0, 10.0, 5.0, 1.0, 0.1)  # the ones llama.cpp prints for KLD
+BLOCK = 1 << 20  # values per block of rows: temporaries stay a few MiB (fresh 50 MiB ones cost page faults each chunk)
+
+
+def blocks(n: int, n_vocab: int) -> list[slice]:
+    step = max(1, BLOCK // max(n_vocab, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def row_width(n_vocab: int) -> int:
@@ -23,10 +29,12 @@ def row_width(n_vocab: int) -> int:
 
 
 def _log_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the largest logit and log(sum(exp(logit - largest))), float32 like llama.cpp's."""
+    """Per row: the largest logit and log(sum(exp(logit - largest))), summed in double, kept in float
+    (as llama.cpp does)."""
     top = logits.max(axis=1)
-    sums = np.exp(logits - top[:, None]).sum(axis=1, dtype=np.float64)
-    return top, np.log(sums).astype(np.float32)
+    e = logits - top[:, None]
+    np.exp(e, out=e)
+    return top, np.log(e.sum(axis=1, dtype=np.float64)).astype(np.float32)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -37,10 +45,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def compact(logits: np.ndarray) -> np.ndarray:
-    """Rows of logits [n, n_vocab] to llama.cpp's compact log-probabilities [n, row_width] uint16,
-    bit for bit what llama-perplexity writes (float32 arithmetic, round half to even)."""
+    """Rows of logits [n, n_vocab] to llama.cpp's compact log-probabilities [n, row_width] uint16, as
+    llama-perplexity writes them (float32 arithmetic, rounded to nearest, ties to even)."""
     logits = np.asarray(logits, dtype=np.float32)
     n, n_vocab = logits.shape
+    if n > (b := blocks(n, n_vocab))[0].stop:
+        return np.concatenate([compact(logits[rows]) for rows in b])
     top, lse = _log_sum_exp(logits)
     low = np.maximum(logits.min(axis=1), top - np.float32(RANGE))
     scale = ((top - low) / np.float32(65535)).astype(np.float32)
@@ -50,8 +60,11 @@ def compact(logits: np.ndarray) -> np.ndarray:
     head[:, 1] = low - top - lse
     with np.errstate(divide="ignore"):
         inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
-    q = np.rint(inv[:, None] * (logits - low[:, None]))
-    out[:, 4:4 + n_vocab] = np.where(logits > low[:, None], q, 0).astype(np.uint16)
+    q = logits - low[:, None]
+    q *= inv[:, None]
+    np.maximum(q, 0, out=q)  # at or below the floor: 0, as llama.cpp's `logit > min_logit ? ... : 0`
+    np.rint(q, out=q)
+    out[:, 4:4 + n_vocab] = q
     return out
 
 
@@ -88,10 +101,12 @@ def positions(ref_logp: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> 
     logp = log_softmax(logits)
     targets = np.asarray(targets, dtype=np.int64)
     rows = np.arange(len(targets))
-    p = np.where(ref_logp > FLOOR, np.exp(ref_logp), np.float32(0))
-    kld = (p * (ref_logp - logp)).sum(axis=1, dtype=np.float64)
+    terms = ref_logp - logp
+    p = np.exp(ref_logp)
+    np.putmask(p, ref_logp <= FLOOR, 0)
+    terms *= p
     return Positions(
-        kld=kld,
+        kld=terms.sum(axis=1, dtype=np.float64),
         nll=-logp[rows, targets].astype(np.float64),
         nll_ref=-ref_logp[rows, targets].astype(np.float64),
         # The model's top token is one the reference puts on top. (llama.cpp compares with the first of the
@@ -99,6 +114,12 @@ def positions(ref_logp: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> 
         # would then not agree with itself.)
         same_top=ref_logp[rows, np.argmax(logp, axis=1)] >= ref_logp.max(axis=1),
     )
+
+
+def compared(ref_rows: np.ndarray, n_vocab: int, logits: np.ndarray, targets: np.ndarray) -> Positions:
+    """`positions` against the reference's compact rows [n, row_width], a block of rows at a time."""
+    targets = np.asarray(targets)
+    return joined([positions(expand(ref_rows[b], n_vocab), logits[b], targets[b]) for b in blocks(len(targets), n_vocab)])
 
 
 def joined(parts: list[Positions]) -> Positions:
@@ -186,10 +207,16 @@ def summarize(p: Positions) -> Summary:
 
 
 def as_dict(s: Summary) -> dict:
-    """All of it as plain JSON values (estimates as {"value", "uncertainty"})."""
-    out = {}
-    for f in fields(Summary):
-        v = getattr(s, f.name)
-        out[f.name] = {"value": v.value, "uncertainty": v.uncertainty} if isinstance(v, Estimate) else v
-    out["kld_p99"] = s.kld_p99
-    return out
+    """All of it as plain JSON values, grouped as llama-perplexity prints them."""
+    return {
+        "positions": s.count,
+        "kld": {"mean": s.kld.value, "uncertainty": s.kld.uncertainty, "median": s.kld_median, "p99": s.kld_p99,
+                "max": s.kld_max, "percentiles": s.kld_percentiles},
+        "same_top1": s.same_top.value, "same_top1_uncertainty": s.same_top.uncertainty,
+        "delta_p": {"rms": s.rms_p_diff.value, "rms_uncertainty": s.rms_p_diff.uncertainty,
+                    "mean": s.mean_p_diff.value, "mean_uncertainty": s.mean_p_diff.uncertainty},
+        "ppl": {"model": s.ppl.value, "model_uncertainty": s.ppl.uncertainty,
+                "reference": s.ppl_ref.value, "reference_uncertainty": s.ppl_ref.uncertainty,
+                "ln_ratio": s.ln_ppl_ratio.value, "ln_ratio_uncertainty": s.ln_ppl_ratio.uncertainty,
+                "correlation": s.ppl_correlation},
+    }

@@ -58,29 +58,31 @@ def test_kld_of_a_quant_against_its_bf16_and_the_cache_reused(upcycled_gguf):
     from the cache file, untouched, and Q8_0 drifts less than Q4_0."""
     bf16, q4, q8 = upcycled_gguf("BF16"), upcycled_gguf("Q4_0"), upcycled_gguf("Q8_0")
     a = eval_json(q4, "--reference", bf16, "--ctx", 128, "--chunks", 4)
-    cache = Path(a["cache"])
-    assert not a["cache_reused"] and cache.parent == cache_folder()
-    assert a["count"] == 4 * 63 and a["ctx"] == 128 and a["chunks"] == 4
-    for k in ("kld", "same_top", "rms_p_diff", "ppl", "ppl_ref", "ln_ppl_ratio", "mean_p_diff"):
-        assert set(a[k]) == {"value", "uncertainty"}, k
-    assert {"kld_median", "kld_p99", "kld_max", "kld_percentiles"} <= set(a)
+    cache = Path(a["cache"]["path"])
+    assert not a["cache"]["reused"] and cache.parent == cache_folder()
+    assert a["positions"] == 4 * 63 and a["ctx"] == 128 and a["chunks"] == 4
+    assert a["model"]["path"] == str(q4) and a["model"]["parameters"] > 100e6
+    assert a["reference"] == {"kind": "gguf", "path": str(bf16), "given": str(bf16)}
+    assert set(a["kld"]) == {"mean", "uncertainty", "median", "p99", "max", "percentiles"}
+    assert set(a["ppl"]) >= {"model", "model_uncertainty", "reference", "reference_uncertainty"}
+    assert set(a["delta_p"]) >= {"rms", "rms_uncertainty"} and 0 < a["same_top1"] <= 1
 
     c = ev.read_cache(cache, ev.read_cache_key(cache))
     bos = c.meta["key"]["bos"]
     p, q = full_log_probs(bf16, c.tokens, bos), full_log_probs(q4, c.tokens, bos)
     exact = np.concatenate([(np.exp(x) * (x - y)).sum(axis=1) for x, y in zip(p, q)])
-    assert a["kld"]["value"] > 0.001
-    assert a["kld"]["value"] == pytest.approx(exact.mean(), rel=0.01)
-    assert a["kld_median"] == pytest.approx(np.median(exact), rel=0.02)
+    assert a["kld"]["mean"] > 0.001
+    assert a["kld"]["mean"] == pytest.approx(exact.mean(), rel=0.01)
+    assert a["kld"]["median"] == pytest.approx(np.median(exact), rel=0.02)
 
     before = cache.stat()
     b = eval_json(q8, "--reference", bf16, "--ctx", 128, "--chunks", 4)
     after = cache.stat()
-    assert b["cache_reused"] and b["reference_seconds"] == 0 and b["cache"] == a["cache"]
+    assert b["cache"] == {"path": str(cache), "reused": True} and b["seconds"]["reference"] == 0
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert [f.name for f in cache_folder().iterdir()] == [cache.name]
-    assert b["ppl_ref"]["value"] == pytest.approx(a["ppl_ref"]["value"], rel=1e-9)
-    assert b["kld"]["value"] < a["kld"]["value"]
+    assert b["ppl"]["reference"] == pytest.approx(a["ppl"]["reference"], rel=1e-9)
+    assert b["kld"]["mean"] < a["kld"]["mean"]
 
 
 def test_table_on_stdout(tiny_gguf):

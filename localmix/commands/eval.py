@@ -108,7 +108,7 @@ def table(r):
     from ..text import markup
 
     s = r.summary
-    t = Table(title=f"{markup(Path(r.model).name)} against {markup(r.reference)}", title_justify="left", show_header=False,
+    t = Table(title=f"{markup(Path(r.model).name)} against {markup(r.reference.label)}", title_justify="left", show_header=False,
               box=None, padding=(0, 2))
     t.add_column(style="bold")
     t.add_column(justify="right")

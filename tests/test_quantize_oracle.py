@@ -31,7 +31,9 @@ def test_direct_equals_two_step_divisible(tiny_gguf, tmp_path, out_type):
     assert differences(tiny_gguf(out_type), two_step) == []
 
 
-@pytest.mark.parametrize("out_type", ["Q4_K_M", "Q4_0", "Q3_K_M", "IQ4_XS", "Q2_K"])
+# (no i-quant here: IQ4_XS of the 0.6B-weight upcycled model costs minutes; its fallbacks are checked on
+# the small GGUF below, IQ4_NL's bytes on the tiny Mixtral)
+@pytest.mark.parametrize("out_type", ["Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"])
 def test_direct_equals_two_step_with_fallbacks(upcycled_gguf, tmp_path, out_type):
     two_step = tmp_path / "two-step.gguf"
     llama_quantize(upcycled_gguf("BF16"), two_step, OUT_TYPES[out_type].ftype)
@@ -69,10 +71,11 @@ def test_direct_equals_two_step_dense(dense_gguf, tmp_path, out_type):
 SMALL = {
     "dense": dict(n_layer=8, n_expert=0),  # 8 // 8 = 1: layer 0 is the "first eighth"
     "8-experts": dict(n_layer=2, n_expert=8),
+    "tied-576": dict(n_layer=2, n_expert=0, n_embd=576, n_ff=512, n_head=9, n_head_kv=3, tied=True),  # fallbacks
 }
 
 
-def small_llama(path, *, n_layer: int, n_expert: int, n_embd=256, n_ff=256, n_head=2, n_head_kv=1, vocab=64, seed=0):
+def small_llama(path, *, n_layer: int, n_expert: int, n_embd=256, n_ff=256, n_head=2, n_head_kv=1, vocab=64, tied=False, seed=0):
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(n_layer)
@@ -99,7 +102,8 @@ def small_llama(path, *, n_layer: int, n_expert: int, n_embd=256, n_ff=256, n_he
     kv = n_head_kv * (n_embd // n_head)
     add("token_embd.weight", vocab, n_embd)
     add("output_norm.weight", n_embd)
-    add("output.weight", vocab, n_embd)
+    if not tied:
+        add("output.weight", vocab, n_embd)
     for b in range(n_layer):
         p = f"blk.{b}."
         for name, shape in [("attn_norm", (n_embd,)), ("ffn_norm", (n_embd,)), ("attn_q", (n_embd, n_embd)), ("attn_k", (kv, n_embd)),
@@ -215,8 +219,17 @@ def test_fallback_types_when_rows_do_not_divide_by_256(upcycled_gguf):
 
 
 def test_fallbacks_of_the_new_mixes(upcycled_gguf):
-    """576 columns: the k-quants fall back to Q4_0 / Q5_0 / Q5_1, the i-quants to IQ4_NL."""
+    """576 columns: the k-quants fall back to Q4_0 / Q5_0 / Q5_1."""
     q3 = {name: t for name, (t, _) in tensor_table(upcycled_gguf("Q3_K_M")).items()}
     assert q3["blk.5.ffn_gate_exps.weight"] == "Q4_0" and q3["blk.5.ffn_down_exps.weight"] == "Q4_K"
-    iq4 = {name: t for name, (t, _) in tensor_table(upcycled_gguf("IQ4_XS")).items()}
-    assert iq4["blk.5.ffn_gate_exps.weight"] == "IQ4_NL" and iq4["blk.5.ffn_down_exps.weight"] == "IQ4_XS"
+    assert q3["blk.5.attn_output.weight"] == "Q5_1" and q3["token_embd.weight"] == "Q8_0"
+
+
+@pytest.mark.parametrize("out_type", ["IQ4_XS", "IQ3_M"])
+def test_i_quant_fallbacks_are_llama_quantizes(small, tmp_path, out_type):
+    """576 columns: the i-quants fall back to IQ4_NL (512-column ffn_down keeps its type)."""
+    src, dst = small["tied-576"], tmp_path / "plain.gguf"
+    assert llama_quantize_rc(src, dst, OUT_TYPES[out_type].ftype) == 0
+    theirs = {name: t for name, (t, _) in tensor_table(dst).items()}
+    assert recipe_types(src, out_type, has_imatrix=False) == theirs
+    assert theirs["blk.1.attn_q.weight"] == "IQ4_NL" and theirs["blk.1.ffn_down.weight"] != "IQ4_NL"

@@ -239,7 +239,7 @@ def _rule(table: dict[str, Rule], out: str, a: At, t: T) -> T:
     return t if new is None else new
 
 
-def _iq2_mix(cat: str, t: T, out: str, a: At) -> T:
+def _iq2_mix(cat: str, t: T, a: At) -> T:
     """The IQ2 branch of llama_tensor_get_type_impl (IQ2_M's base type is IQ2_S)."""
     if cat == "attn_v":
         return T.Q4_K if a.model.n_gqa >= 4 or a.model.n_expert >= 4 else T.IQ3_S
@@ -263,7 +263,7 @@ def _mix(name: str, t: T, out: str, m: ModelShape, ne0: int, has_imatrix: bool) 
     if cat == "token_embd":
         return _TOKEN_EMBD.get(out, t)
     if out in _IQ2_MIXES:
-        return _iq2_mix(cat, t, out, a)
+        return _iq2_mix(cat, t, a)
     if cat == "attn_v":
         t = _rule(_ATTN_V, out, a, t)
         if m.is_70b and t in (T.Q3_K, T.Q4_K):  # 8 query heads share each attn_v row: cheap to lift

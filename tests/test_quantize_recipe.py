@@ -99,6 +99,7 @@ MODELS = {
     "llama-65b": Llama(80, 8192, 22016, 64, 64),  # 80 layers without GQA: not "70B"
     "moe-4-experts-gqa-2": Llama(24, 2048, 5632, 16, 8, n_expert=4),  # n_expert >= 4 but not 8
     "moe-16-experts": Llama(16, 1024, 2816, 16, 4, n_expert=16),
+    "moe-4-experts-80-layers": Llama(80, 1024, 1024, 16, 4, n_expert=4),  # "70B" too: only 8 experts are typed apart
     "smollm-tied-576": Llama(30, 576, 1536, 9, 3, vocab=49152, tied=True),  # rows of 576: fallbacks
     "odd-rows": Llama(10, 800, 1000, 10, 5, tied=True),  # 800 % 256, 1000 % 32: F16 fallbacks
 }

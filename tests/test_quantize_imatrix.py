@@ -210,13 +210,21 @@ def test_same_bytes_as_llama_model_quantize_with_the_same_weights(tiny_gguf, tmp
     assert differences(ours, theirs) == []
 
 
-def test_fallback_types_with_an_imatrix(upcycled_gguf, tmp_path):
-    """576 columns: the fallback types (IQ4_NL for IQ4_XS) take the weights too."""
-    im = _random_imatrix(upcycled_gguf("BF16"), seed=1)
+@pytest.mark.parametrize("out_type", ["Q4_K_M", "IQ4_XS"])
+def test_fallback_types_with_an_imatrix(tmp_path, out_type):
+    """Rows of 288 (as the upcycled SmolLM2's 576, which 256 does not divide): the fallback types (Q5_0 and
+    Q5_1 for Q4_K_M, IQ4_NL for IQ4_XS) take the weights too."""
+    from tests.support.checkpoints import make_tiny_mixtral
+
+    src = make_tiny_mixtral(tmp_path / "odd", layers=2, hidden=288)
+    bf16 = tmp_path / "bf16.gguf"
+    convert(src, bf16, "BF16")
+    im = _random_imatrix(bf16, seed=1)
     theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
-    assert _llama_model_quantize(upcycled_gguf("BF16"), theirs, "IQ4_XS", im) == 0
-    s = convert(upcycled_gguf.src, ours, "IQ4_XS", importance=im)
-    assert s.types["IQ4_NL"] > 0 and differences(ours, theirs) == []
+    assert _llama_model_quantize(bf16, theirs, out_type, im) == 0
+    s = convert(src, ours, out_type, importance=im)
+    fallbacks = ["Q5_0", "Q5_1"] if out_type == "Q4_K_M" else ["IQ4_NL"]
+    assert all(s.types[t] > 0 for t in fallbacks) and differences(ours, theirs) == []
 
 
 def test_metadata_as_llama_quantize_writes_it(tiny, tiny_gguf, tmp_path):

@@ -42,17 +42,18 @@ def smollm_dir() -> Path:
 
 def make_tiny_mixtral(
     folder: Path, *, tokenizer: str = "v3", layers: int = 4, shard: str = "6MB", seed: int = 0, scale: float = 0.04,
-    dtype: str = "bfloat16", dense: bool = False,
+    dtype: str = "bfloat16", dense: bool = False, hidden: int = 256,
 ) -> Path:
     """A random Mixtral with 8 experts, top-2, hidden 256, expert FFN 512, and a real Mistral tokenizer
-    (with dense=True: the same as a MistralForCausalLM without experts)."""
+    (with dense=True: the same as a MistralForCausalLM without experts; `hidden` 288 gives rows that 256
+    does not divide, as the upcycled SmolLM2's, at a fraction of its size)."""
     import torch
     from sentencepiece import SentencePieceProcessor
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
     sp = SentencePieceProcessor(model_file=str(mistral_tokenizer_file(tokenizer)))
     common = dict(
-        vocab_size=sp.vocab_size(), hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+        vocab_size=sp.vocab_size(), hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
         bos_token_id=1, eos_token_id=2,
     )

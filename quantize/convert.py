@@ -188,13 +188,16 @@ def _size_error(source: str, size: int, t: OutTensor) -> QuantizeError:
     )
 
 
-def _importance_of(t: OutTensor, importance: Importance | None) -> np.ndarray | None:
+def _importance_of(t: OutTensor, importance: Importance | None, out_type: str) -> np.ndarray | None:
     """The tensor's weights as [n_mat, n_per_row], or None (quantized without): llama-quantize ignores a
-    token_embd entry of the wrong size and refuses any other; non-finite weights are refused."""
+    token_embd entry of the wrong size and refuses any other, and a missing one where the type needs it
+    (the i-quant kernels abort without); non-finite weights are refused."""
     if importance is None or not t.converted:
         return None
     w = importance.weights(t.name)
     if w is None:
+        if requires_imatrix(t.name, t.type, out_type):
+            raise QuantizeError(f"no importance weights for {t.name}, which {out_type} makes {t.type.name}")
         return None
     w = np.asarray(w, dtype=np.float32)
     if w.size != t.n_mat * t.ne0:
@@ -359,7 +362,7 @@ def convert(
                     w.write_kv_data_to_file()
                     kv_end = w.fout[0].tell()  # the routing counts are the last bytes of the KV section
                     w.write_ti_data_to_file()
-                    _write_tensors(w.fout[0], tensors, hp, encoder, on_bytes, on_tensor, importance, stats)
+                    _write_tensors(w.fout[0], tensors, hp, encoder, on_bytes, on_tensor, importance, stats, out_type)
                     if routing is not None:
                         _patch_routing(w.fout[0], kv_end, routing, importance)
                 finally:
@@ -450,7 +453,7 @@ def _cut(text: str, limit: int = 127) -> str:
 
 
 def _write_tensors(fout, tensors: list[OutTensor], hp: HParams, encoder: Encoder, on_bytes, on_tensor,
-                   importance: Importance | None = None, stats: _PassStats | None = None) -> None:
+                   importance: Importance | None = None, stats: _PassStats | None = None, out_type: str = "") -> None:
     """The data section: each tensor aligned, streamed block by block in the planned order."""
     stats = stats or _PassStats()
     _write_padding(fout, fout.tell())
@@ -461,7 +464,7 @@ def _write_tensors(fout, tensors: list[OutTensor], hp: HParams, encoder: Encoder
             written = t.extra.nbytes
         order = _row_order(t, hp, t.parts[0].shape[0]) if t.parts else None
         t0 = time.perf_counter()
-        weights = _importance_of(t, importance)
+        weights = _importance_of(t, importance, out_type)
         stats.importance_seconds += time.perf_counter() - t0
         stats.with_importance += weights is not None
         for block in encoder.encode(t, order, weights):

@@ -433,3 +433,18 @@ def test_damaged_files_are_read_or_refused_never_a_crash(tmp_path):
                 assert w.dtype == np.float32 and np.isfinite(w).all(), label
             seen["read"] += 1
     assert seen["refused"] > 100 and seen["read"] > 10, seen
+
+
+class _Forgetful(Imatrix):
+    """An Importance computed as the pass goes that has nothing for one tensor (as a calibration could)."""
+
+    def weights(self, name):
+        return None if name == "blk.1.ffn_down_exps.weight" else super().weights(name)
+
+
+def test_weights_missing_in_the_pass_for_a_type_that_needs_them(tiny, tiny_gguf, tmp_path):
+    base = _random_imatrix(tiny_gguf("BF16"))
+    imp = _Forgetful(base.entries, base.chunk_count, base.chunk_size, base.datasets, "auto")
+    with pytest.raises(QuantizeError, match="no importance weights for blk.1.ffn_down_exps.weight, which IQ2_M makes IQ2_S"):
+        convert(tiny, tmp_path / "m.gguf", "IQ2_M", importance=imp)
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,8 @@ source pages leave our resident set once it is encoded, and at most 2 blocks per
 Peak RSS is therefore the program and its tokenizer tables plus about 2 x threads x (1 MiB of float32,
 its source and its output), whatever the model size: an expert matrix is never whole in memory (one of
 Mixtral 8x7B's is 224 MiB in float32). Measured: 130 MiB converting a Mixtral-8x7B-shaped layer.
+Importance weights add one tensor's worth of column weights (n_expert x row length: 448 KiB for
+Mixtral 8x7B's ffn_down_exps); the calibration's own memory is quantize/calibrate.py's.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ The routing counts (how often each expert of each layer was chosen) are the expe
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,22 +119,25 @@ class _Sums:
         self.n_expert = n_expert
         self.sums: dict = {}
         self.counts: dict[str, np.ndarray] = {}
-        self._last = (None, None)  # (rows, their sum of squares): q, k, v share an input, as do gate and up
+        self._lock = threading.Lock()  # the forward's workers call in from several threads
+        self._local = threading.local()  # (rows, their sums of squares): q, k, v share an input, as do gate and up
 
     def __call__(self, name: str, x, expert: int | None) -> None:
         import torch
 
-        if name not in self.sums:
-            n_mat = self.n_expert if expert is not None else 1
-            self.sums[name] = torch.zeros((n_mat, x.shape[-1]), dtype=torch.float64, device=x.device)
-            self.counts[name] = np.zeros(n_mat, dtype=np.int64)
-        if self._last[0] is not x:
-            self._last = (x, torch.linalg.vector_norm(x, dim=0).double().square())
-        self.sums[name][expert or 0] += self._last[1]
-        self.counts[name][expert or 0] += x.shape[0]
+        last = getattr(self._local, "last", None)
+        if last is None or last[0] is not x:
+            last = self._local.last = (x, x.square().sum(dim=0).double())
+        with self._lock:
+            if name not in self.sums:
+                n_mat = self.n_expert if expert is not None else 1
+                self.sums[name] = torch.zeros((n_mat, x.shape[-1]), dtype=torch.float64, device=x.device)
+                self.counts[name] = np.zeros(n_mat, dtype=np.int64)
+            self.sums[name][expert or 0] += last[1]
+            self.counts[name][expert or 0] += x.shape[0]
 
     def forget(self) -> None:
-        self._last = (None, None)
+        self._local = threading.local()
 
     def entry(self, name: str) -> Entry:
         return Entry(self.sums[name].to("cpu").numpy().astype(np.float32), self.counts[name].copy())
@@ -167,11 +171,12 @@ class Calibrator:
         folder = Path(folder)
         if chunk_size < 1:
             raise QuantizeError(f"calibration chunk size must be positive, not {chunk_size}")
-        self.forward = Forward(folder, device=device)
+        threads = threads or default_threads()
+        self.forward = Forward(folder, device=device, threads=threads)
         try:
             self.forward.matmul = getattr(torch, matmul or _fast_matmul(self.forward))
             if self.forward.device.type == "cpu":
-                torch.set_num_threads(threads or default_threads())
+                torch.set_num_threads(1)  # the forward's own workers, one thread each
             tokens, bos = _tokenize(folder, self.forward.hp, calibration_text() if text is None else text)
             self.tokens = chunks(tokens, chunk_size, bos, max_tokens)
             if len(self.tokens) == 0:
@@ -237,6 +242,7 @@ class Calibrator:
             i = self._done
             self._h = self.forward.layer(i, self._h, self._sums)
             self._sums.forget()
+            _release_freed_memory()
             self._done += 1
             if self.on_layer:
                 self.on_layer(i, self.n_layer)
@@ -257,3 +263,15 @@ def _fast_matmul(forward) -> str:
     stored_bf16 = all(ref.dtype == "BF16" for ref in forward.ck.tensors.values() if len(ref.shape) == 2)
     fast = forward.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return "bfloat16" if stored_bf16 and fast else "float32"
+
+
+def _release_freed_memory() -> None:
+    """glibc keeps the freed blocks of a layer's activations in its heaps, and reuses them badly: without
+    this, the resident set grew by about 1.5 GiB over the 30 layers of the upcycled fixture."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,8 @@ import numpy as np
 # OpenMP threads that spin between parallel regions starve each other (and the quantizing threads)
 # on a busy machine: measured 4x slower. Effective only when torch is first imported here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# oneDNN keeps a compiled kernel per matrix shape; experts see a new row count each time: ~10 MiB a layer.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
 import torch
 
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
@@ -42,7 +46,7 @@ from .metadata import HParams, read_hparams
 # expert None for a plain matrix.
 Observer = Callable[[str, "torch.Tensor", "int | None"], None]
 
-BLOCK_FLOATS = 1 << 24  # floats in one block of intermediate activations (64 MiB)
+BLOCK_FLOATS = 1 << 22  # floats in one block of intermediate activations (16 MiB)
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -79,7 +83,7 @@ class Forward:
     """The checkpoint in `folder`, checked as `quantize` checks it (config.json, tensor shapes), ready
     to run layer by layer: `h = embed(tokens)`, then `h = layer(i, h)` for each i, then `log_probs(h)`."""
 
-    def __init__(self, folder: Path, *, device: str | None = None, matmul: str = "float32"):
+    def __init__(self, folder: Path, *, device: str | None = None, matmul: str = "float32", threads: int | None = None):
         self.ck: Checkpoint = open_checkpoint(Path(folder))
         try:
             self.hp: HParams = read_hparams(self.ck.config)
@@ -93,6 +97,11 @@ class Forward:
         self._inv_freq = inv_freq(self.hp)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._output: torch.Tensor | None = None
+        # threads > 1 on the CPU: independent pieces of work (experts, groups of chunks, blocks of rows) on
+        # a pool of single-threaded workers (the caller sets torch's threads to 1), as the quantizing pass
+        # runs its blocks. OpenMP's barriers between threads were 2 times slower on a busy machine.
+        self._threads = threads or 1
+        self._pool = ThreadPoolExecutor(self._threads) if self._threads > 1 and self.device.type == "cpu" else None
 
     # ---- weights --------------------------------------------------------------------------------
 
@@ -126,7 +135,28 @@ class Forward:
 
     def close(self) -> None:
         self._output = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self.ck.close()
+
+    def _map(self, fn: Callable, items: Iterable) -> Iterator:
+        """fn over items, results in order; on the pool when there is one, at most `threads` in flight."""
+        if self._pool is None:
+            yield from map(fn, items)
+            return
+
+        def run(item):
+            with torch.inference_mode():  # thread-local: the workers need it too
+                return fn(item)
+
+        window: deque = deque()
+        for item in items:
+            window.append(self._pool.submit(run, item))
+            if len(window) >= self._threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
     def __enter__(self) -> Forward:
         return self
@@ -179,8 +209,9 @@ class Forward:
         group = hp.n_head // hp.n_head_kv
         # chunks in groups so that q, k, v and the attention scores of a group stay within a block
         per_chunk = n_ctx * (hp.n_head * hp.head_dim * 3 + hp.n_head * n_ctx)
-        step = max(1, BLOCK_FLOATS // per_chunk)
-        for c0 in range(0, n_chunks, step):
+        step = max(1, min(BLOCK_FLOATS // per_chunk, -(-n_chunks // self._threads)))
+
+        def attend(c0: int) -> None:
             x = self._norm(h[c0:c0 + step], norm)
             b = x.shape[0]
             rows = x.reshape(-1, d)
@@ -201,6 +232,9 @@ class Forward:
             a = a.transpose(1, 2).reshape(-1, hp.n_head * hp.head_dim)
             see(f"blk.{i}.attn_output.weight", a, None)
             h[c0:c0 + step] += self._mm(a, wo).view(b, n_ctx, d)
+
+        for _ in self._map(attend, range(0, n_chunks, step)):
+            pass
         return h
 
     def _ffn(self, i: int, h: torch.Tensor, see: Observer) -> torch.Tensor:
@@ -213,26 +247,34 @@ class Forward:
         return max(1, BLOCK_FLOATS // (2 * n_ff))
 
     def _swiglu(self, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                names: tuple[str, str, str], expert: int | None, see: Observer) -> torch.Tensor:
-        """down(silu(gate x) * up x), in blocks of rows; the observer sees gate's and up's input x and
-        down's input."""
+                names: tuple[str, str, str], expert: int | None, see: Observer, parallel: bool = False) -> torch.Tensor:
+        """down(silu(gate x) * up x), in blocks of rows (on the pool when `parallel`); the observer sees
+        gate's and up's input x and down's input."""
         gate, up, down = names
-        see(gate, x, expert)
-        see(up, x, expert)
         out = torch.empty((x.shape[0], w_down.shape[0]), dtype=x.dtype, device=x.device)
         step = self._rows(w_gate.shape[0])
-        for r0 in range(0, x.shape[0], step):
-            xb = x[r0:r0 + step].to(w_gate.dtype)
+        if parallel:
+            step = max(1, min(step, -(-x.shape[0] // self._threads)))
+
+        def block(r0: int) -> None:
+            xr = x[r0:r0 + step]
+            see(gate, xr, expert)
+            see(up, xr, expert)
+            xb = xr.to(w_gate.dtype)
             act = torch.nn.functional.silu(self._mm(xb, w_gate))
             act *= self._mm(xb, w_up)
             see(down, act, expert)
             out[r0:r0 + step] = self._mm(act, w_down)
+
+        blocks = range(0, x.shape[0], step)
+        for _ in self._map(block, blocks) if parallel else map(block, blocks):
+            pass
         return out
 
     def _dense(self, i: int, x: torch.Tensor, see: Observer) -> torch.Tensor:
         ws = [self._matrix(f"model.layers.{i}.mlp.{p}_proj.weight") for p in ("gate", "up", "down")]
         names = tuple(f"blk.{i}.ffn_{p}.weight" for p in ("gate", "up", "down"))
-        return self._swiglu(x, *ws, names, None, see)
+        return self._swiglu(x, *ws, names, None, see, parallel=True)
 
     def route(self, i: int, x: torch.Tensor, see: Observer) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixtral's router: (weights [n, k] renormalised over the top k, expert ids [n, k])."""
@@ -246,16 +288,19 @@ class Forward:
         weights, ids = self.route(i, x, see)
         out = torch.zeros_like(x)
         names = tuple(f"blk.{i}.ffn_{p}_exps.weight" for p in ("gate", "up", "down"))
-        for e in range(self.hp.n_expert):
-            # each expert computes only the tokens routed to it, in token order (as llama.cpp counts them)
+
+        def expert(e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+            # only the tokens routed to the expert, in token order (as llama.cpp counts them)
             token, slot = torch.nonzero(ids == e, as_tuple=True)
             if token.numel() == 0:
-                continue
+                return None
             p = f"model.layers.{i}.block_sparse_moe.experts.{e}."
             w1, w3, w2 = (self._matrix(p + f"w{k}.weight") for k in (1, 3, 2))
-            y = self._swiglu(x[token], w1, w3, w2, names, e, see)
-            out.index_add_(0, token, y * weights[token, slot, None])
-            del w1, w3, w2, y
+            return token, self._swiglu(x[token], w1, w3, w2, names, e, see) * weights[token, slot, None]
+
+        for done in self._map(expert, range(self.hp.n_expert)):
+            if done is not None:
+                out.index_add_(0, *done)
         return out
 
     def _output_weight(self) -> torch.Tensor:

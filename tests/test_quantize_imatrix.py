@@ -201,30 +201,38 @@ def _llama_model_quantize(src: Path, dst: Path, out_type: str, im: Imatrix) -> i
     return llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
 
 
-@pytest.mark.parametrize("out_type", ["Q4_K_M", "IQ3_XXS"])
-def test_same_bytes_as_llama_model_quantize_with_the_same_weights(tiny_gguf, tmp_path, out_type):
+def test_same_bytes_as_llama_model_quantize_with_the_same_weights(tiny_gguf, tmp_path):
     im = _random_imatrix(tiny_gguf("BF16"), zero_expert=5)
     theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
-    assert _llama_model_quantize(tiny_gguf("BF16"), theirs, out_type, im) == 0
-    convert(tiny_gguf.src, ours, out_type, importance=im)
+    assert _llama_model_quantize(tiny_gguf("BF16"), theirs, "Q4_K_M", im) == 0
+    convert(tiny_gguf.src, ours, "Q4_K_M", importance=im)
     assert differences(ours, theirs) == []
 
 
-@pytest.mark.parametrize("out_type", ["Q4_K_M", "IQ4_XS"])
-def test_fallback_types_with_an_imatrix(tmp_path, out_type):
-    """Rows of 288 (as the upcycled SmolLM2's 576, which 256 does not divide): the fallback types (Q5_0 and
-    Q5_1 for Q4_K_M, IQ4_NL for IQ4_XS) take the weights too."""
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-layer tiny Mixtral with rows of 288 (as the upcycled SmolLM2's 576, which 256 does not divide),
+    and its BF16 GGUF: the fallback types at a fraction of the upcycled model's cost."""
     from tests.support.checkpoints import make_tiny_mixtral
 
-    src = make_tiny_mixtral(tmp_path / "odd", layers=2, hidden=288)
-    bf16 = tmp_path / "bf16.gguf"
-    convert(src, bf16, "BF16")
-    im = _random_imatrix(bf16, seed=1)
+    folder = tmp_path_factory.mktemp("odd")
+    src = make_tiny_mixtral(folder / "odd", layers=2, hidden=288)
+    convert(src, folder / "bf16.gguf", "BF16")
+    return src, folder / "bf16.gguf"
+
+
+@pytest.mark.parametrize("out_type, fallbacks", [("Q4_K_M", ["Q5_0", "Q5_1"]), ("IQ4_XS", ["IQ4_NL"]), ("IQ3_XXS", ["IQ4_NL"])])
+def test_fallback_types_with_an_imatrix(odd, tmp_path, out_type, fallbacks):
+    """The fallback types take the weights too; IQ3_XXS (needs an imatrix) on the 512-wide ffn_down rows,
+    with an expert that never fired."""
+    src, bf16 = odd
+    im = _random_imatrix(bf16, seed=1, zero_expert=2)
     theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
     assert _llama_model_quantize(bf16, theirs, out_type, im) == 0
     s = convert(src, ours, out_type, importance=im)
-    fallbacks = ["Q5_0", "Q5_1"] if out_type == "Q4_K_M" else ["IQ4_NL"]
     assert all(s.types[t] > 0 for t in fallbacks) and differences(ours, theirs) == []
+    if out_type == "IQ3_XXS":
+        assert s.types["IQ3_XXS"] > 0
 
 
 def test_metadata_as_llama_quantize_writes_it(tiny, tiny_gguf, tmp_path):

@@ -238,20 +238,21 @@ class Forward:
         return h
 
     def _ffn(self, i: int, h: torch.Tensor, see: Observer) -> torch.Tensor:
+        """The feed-forward half, its output added into h in place (no second copy of the hidden states)."""
         x = self._norm(h, self._layer_weight(i, "post_attention_layernorm.weight")).reshape(-1, self.hp.n_embd)
-        out = self._moe(i, x, see) if self.hp.is_moe else self._dense(i, x, see)
-        h += out.view(h.shape)
+        (self._moe if self.hp.is_moe else self._dense)(i, x, h.view(-1, self.hp.n_embd), see)
         return h
 
     def _rows(self, n_ff: int) -> int:
         return max(1, BLOCK_FLOATS // (2 * n_ff))
 
     def _swiglu(self, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                names: tuple[str, str, str], expert: int | None, see: Observer, parallel: bool = False) -> torch.Tensor:
-        """down(silu(gate x) * up x), in blocks of rows (on the pool when `parallel`); the observer sees
-        gate's and up's input x and down's input."""
+                names: tuple[str, str, str], expert: int | None, see: Observer, parallel: bool = False,
+                into: torch.Tensor | None = None) -> torch.Tensor:
+        """down(silu(gate x) * up x), in blocks of rows (on the pool when `parallel`), added into `into`
+        when given; the observer sees gate's and up's input x and down's input."""
         gate, up, down = names
-        out = torch.empty((x.shape[0], w_down.shape[0]), dtype=x.dtype, device=x.device)
+        out = torch.zeros((x.shape[0], w_down.shape[0]), dtype=x.dtype, device=x.device) if into is None else into
         step = self._rows(w_gate.shape[0])
         if parallel:
             step = max(1, min(step, -(-x.shape[0] // self._threads)))
@@ -264,17 +265,17 @@ class Forward:
             act = torch.nn.functional.silu(self._mm(xb, w_gate))
             act *= self._mm(xb, w_up)
             see(down, act, expert)
-            out[r0:r0 + step] = self._mm(act, w_down)
+            out[r0:r0 + step] += self._mm(act, w_down)
 
         blocks = range(0, x.shape[0], step)
         for _ in self._map(block, blocks) if parallel else map(block, blocks):
             pass
         return out
 
-    def _dense(self, i: int, x: torch.Tensor, see: Observer) -> torch.Tensor:
+    def _dense(self, i: int, x: torch.Tensor, h: torch.Tensor, see: Observer) -> None:
         ws = [self._matrix(f"model.layers.{i}.mlp.{p}_proj.weight") for p in ("gate", "up", "down")]
         names = tuple(f"blk.{i}.ffn_{p}.weight" for p in ("gate", "up", "down"))
-        return self._swiglu(x, *ws, names, None, see, parallel=True)
+        self._swiglu(x, *ws, names, None, see, parallel=True, into=h)
 
     def route(self, i: int, x: torch.Tensor, see: Observer) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixtral's router: (weights [n, k] renormalised over the top k, expert ids [n, k])."""
@@ -284,9 +285,8 @@ class Forward:
         top, ids = torch.topk(probs, self.hp.n_expert_used, dim=-1)
         return top / top.sum(dim=-1, keepdim=True), ids
 
-    def _moe(self, i: int, x: torch.Tensor, see: Observer) -> torch.Tensor:
+    def _moe(self, i: int, x: torch.Tensor, h: torch.Tensor, see: Observer) -> None:
         weights, ids = self.route(i, x, see)
-        out = torch.zeros_like(x)
         names = tuple(f"blk.{i}.ffn_{p}_exps.weight" for p in ("gate", "up", "down"))
 
         def expert(e: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -300,8 +300,7 @@ class Forward:
 
         for done in self._map(expert, range(self.hp.n_expert)):
             if done is not None:
-                out.index_add_(0, *done)
-        return out
+                h.index_add_(0, *done)
 
     def _output_weight(self) -> torch.Tensor:
         if self._output is None:

@@ -200,9 +200,11 @@ def _calibrator(folder: Path, text: str | None, text_file: str | None, max_token
         progress.update(task, completed=i + 1, total=n, tensors=f"layer {i + 1}/{n}", visible=True)
 
     try:
-        return Calibrator(folder, text, max_tokens=max_tokens, on_layer=on_layer, dataset=text_file)
+        cal = Calibrator(folder, text, max_tokens=max_tokens, on_layer=on_layer, dataset=text_file)
     except ImportError as e:  # torch (or a part of it) missing after all
         raise LocalmixError(f"{TORCH_MISSING} ({e})") from None
+    progress.update(task, completed=0, total=cal.n_layer, tensors=f"layer 0/{cal.n_layer}", visible=True)
+    return cal
 
 
 def _plan_summary(path: Path, args: argparse.Namespace) -> str:

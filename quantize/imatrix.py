@@ -213,7 +213,8 @@ def write_imatrix(im: Imatrix, path: Path) -> None:
     w = gguf.GGUFWriter(path=None, arch="")
     w.kv_data[0].clear()  # llama-imatrix writes no general.architecture
     w.add_string("general.type", "imatrix")
-    w.add_array(KEY_DATASETS, list(im.datasets))
+    # gguf-py cannot write an empty array, and llama-quantize refuses a file without this key
+    w.add_array(KEY_DATASETS, list(im.datasets) or ["unknown"])
     w.add_uint32(KEY_CHUNK_COUNT, im.chunk_count)
     w.add_uint32(KEY_CHUNK_SIZE, im.chunk_size)
     for name in sorted(im.entries):

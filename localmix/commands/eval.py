@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
     with progress:
         result = evaluate(model, ref, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads, progress=on_progress)
+    if result.chunks < args.chunks:
+        err.print(f"localmix eval: the text holds {result.chunks} chunks of {args.ctx} tokens (of the {args.chunks} asked for)",
+                  markup=False, highlight=False)
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
     else:

@@ -153,3 +153,26 @@ def test_chunks_and_scored_positions():
     assert ev.first_scored(128) == 64 and ev.n_scored(128) == 63  # positions 64..126, each against the next token
     assert ev.model_input(c[1], 1) == [1, *range(129, 256)] and ev.model_input(c[1], None)[0] == 128
     assert math.isclose(ev.n_scored(512), 255)
+
+
+@pytest.mark.llama_tools
+def test_llama_perplexity_reads_the_cache_as_its_base_file(tiny_gguf):
+    """The cache is llama.cpp's own --kl-divergence-base file: llama-perplexity reads it and reports the
+    reference's perplexity exactly as we do (the same uint16 data), and a KLD of the model within 2% of ours
+    (its build's kernels give slightly different logits than llama-cpp-python's)."""
+    import re
+
+    from tests.support.llama_tools import run_tool
+
+    q4 = tiny_gguf("Q4_0")
+    r = ev.evaluate(q4, gguf(tiny_gguf("BF16")), eval_text(), ctx=128, chunks=4)
+    out = run_tool("llama-perplexity", "-m", q4, "--kl-divergence-base", r.cache, "--kl-divergence", "-c", 128,
+                   "-b", 128, "-t", 2)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = out.stdout + out.stderr
+
+    def number(label: str) -> float:
+        return float(re.search(re.escape(label) + r"\s*:\s*([-0-9.]+)", log).group(1))
+
+    assert number("Mean PPL(base)") == pytest.approx(r.summary.ppl_ref.value, rel=1e-5)
+    assert number("Mean    KLD") == pytest.approx(r.summary.kld.value, rel=0.02)

@@ -31,7 +31,7 @@ def screen(session: str) -> str:
     return tmux("capture-pane", "-p", "-t", session, capture_output=True, text=True).stdout
 
 
-def wait_for(session: str, text: str, timeout: float = 120) -> str:
+def wait_for(session: str, text: str, timeout: float = 300) -> str:
     end = time.time() + timeout
     while time.time() < end:
         shown = screen(session)

@@ -190,9 +190,15 @@ def _quantize_child(args: list[str]) -> list[str]:
 
 
 def test_ctrl_c_during_calibration_leaves_nothing(tiny, tmp_path):
+    from quantize.texts import calibration_text
+
+    # 64k tokens: each layer's calibration takes seconds even on a fast machine, so it is seen standing still
+    text = tmp_path.parent / f"{tmp_path.name}-calibration.txt"
+    text.write_text(calibration_text() * 2, encoding="utf-8")
     out = tmp_path / "m.gguf"
     proc = subprocess.Popen([sys.executable, "-m", "localmix", "quantize", str(tiny), "-o", str(out), "--imatrix", "auto",
-                             "--calibration-tokens", "16384"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--calibration-text", str(text), "--calibration-tokens", "65536"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The output is written without a pause except while a layer is calibrated: a partial file whose size
     # stands still means the calibration is running.
     deadline, last, still = time.time() + 300, -1, 0.0

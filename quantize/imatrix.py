@@ -97,14 +97,19 @@ def _read_gguf(path: Path) -> Imatrix:
     try:
         r = gguf.GGUFReader(path)
         fields = {k: f for k, f in r.fields.items()}
+    except Exception as e:  # noqa: BLE001 - gguf-py raises many kinds on a damaged file
+        raise _bad(path, f"damaged GGUF ({shown(str(e), 120)})") from None
+    # The metadata first: a model file is told so before any of its (large) tensor data is read.
+    if not all(k in fields for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)):
+        raise _bad(path, "no imatrix metadata (imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size); is it a model?")
+    try:
         tensors = [(t.name, t.tensor_type, [int(d) for d in t.shape], np.array(t.data, copy=True)) for t in r.tensors]
-        if any(data.size != int(np.prod(shape)) for _, _, shape, data in tensors):
+        # F32 data holds one value per element (other types are refused below, by name)
+        if any(ttype == gguf.GGMLQuantizationType.F32 and data.size != int(np.prod(shape)) for _, ttype, shape, data in tensors):
             raise ValueError("tensor data cut short")
         del r  # the memory map goes with the reader
     except Exception as e:  # noqa: BLE001 - gguf-py raises many kinds on a damaged file
         raise _bad(path, f"damaged GGUF ({shown(str(e), 120)})") from None
-    if not all(k in fields for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)):
-        raise _bad(path, "no imatrix metadata (imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size); is it a model?")
     names = fields[KEY_DATASETS].contents()  # llama.cpp ignores anything but an array of strings here
     datasets = [d for d in names if isinstance(d, str)] if isinstance(names, list) else []
     counts = [fields[k].contents() for k in (KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)]

@@ -456,3 +456,9 @@ def test_weights_missing_in_the_pass_for_a_type_that_needs_them(tiny, tiny_gguf,
     with pytest.raises(QuantizeError, match="no importance weights for blk.1.ffn_down_exps.weight, which IQ2_M makes IQ2_S"):
         convert(tiny, tmp_path / "m.gguf", "IQ2_M", importance=imp)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_given_as_imatrix_is_told_so(tiny_gguf):
+    """A quantized model is no imatrix: said from its metadata, before its tensor data is read."""
+    with pytest.raises(QuantizeError, match="no imatrix metadata .*is it a model"):
+        read_imatrix(tiny_gguf("Q4_K_M"))

@@ -19,6 +19,7 @@ import pytest
 from localmix import evaluate as ev
 from quantize.texts import eval_text
 from tests.support.cli import one_line_error, run_cli
+from tests.support.llm import full_log_probs
 
 
 def eval_json(*args: str) -> dict:
@@ -29,27 +30,6 @@ def eval_json(*args: str) -> dict:
 
 def cache_folder() -> Path:
     return Path(os.environ["LOCALMIX_HOME"]) / "cache" / "eval"
-
-
-def full_log_probs(path, tokens: np.ndarray, bos: int | None) -> list[np.ndarray]:
-    """llama.cpp's logits at every position (llama-cpp-python, logits_all) as float64 log-probabilities
-    at the scored positions of each chunk."""
-    from llama_cpp import Llama
-
-    ctx = tokens.shape[1]
-    llm = Llama(str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=2, n_threads_batch=2,
-                verbose=False)
-    out = []
-    try:
-        for chunk in tokens:
-            llm.reset()
-            llm.eval(ev.model_input(chunk, bos))
-            x = np.array(llm.scores[ctx // 2: ctx - 1], dtype=np.float64)
-            x -= x.max(axis=1, keepdims=True)
-            out.append(x - np.log(np.exp(x).sum(axis=1, keepdims=True)))
-    finally:
-        llm.close()
-    return out
 
 
 def test_kld_of_a_quant_against_its_q8_and_the_cache_reused(upcycled_gguf, smol):

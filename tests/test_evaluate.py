@@ -16,31 +16,11 @@ from localmix import evaluate as ev
 from localmix import quality
 from localmix.errors import LocalmixError
 from quantize.texts import eval_text
+from tests.support.llm import full_log_probs
 
 
 def gguf(path) -> ev.Reference:
     return ev.Reference("gguf", path, str(path))
-
-
-def full_log_probs(path, tokens: np.ndarray, bos: int | None) -> list[np.ndarray]:
-    """The oracle: llama.cpp's logits at every position of each chunk (llama-cpp-python, logits_all), as
-    float64 log-probabilities at the scored positions."""
-    from llama_cpp import Llama
-
-    ctx = tokens.shape[1]
-    llm = Llama(str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=2, n_threads_batch=2,
-                verbose=False)
-    out = []
-    try:
-        for chunk in tokens:
-            llm.reset()
-            llm.eval(ev.model_input(chunk, bos))
-            x = np.array(llm.scores[ctx // 2: ctx - 1], dtype=np.float64)
-            x -= x.max(axis=1, keepdims=True)
-            out.append(x - np.log(np.exp(x).sum(axis=1, keepdims=True)))
-    finally:
-        llm.close()
-    return out
 
 
 def direct_kld(model, reference, cache: ev.Cache, bos: int | None) -> float:

@@ -65,3 +65,26 @@ def llama_quantize(src: Path, dst: Path, ftype: int) -> None:
     params.nthread = os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize failed with {rc}"
+
+
+def full_log_probs(path, tokens: np.ndarray, bos: int | None) -> list[np.ndarray]:
+    """The oracle: llama.cpp's logits at every position of each chunk (llama-cpp-python, logits_all), as
+    float64 log-probabilities at the scored positions."""
+    from llama_cpp import Llama
+
+    from localmix.evaluate import model_input
+
+    ctx = tokens.shape[1]
+    llm = Llama(str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, n_threads=2, n_threads_batch=2,
+                verbose=False)
+    out = []
+    try:
+        for chunk in tokens:
+            llm.reset()
+            llm.eval(model_input(chunk, bos))
+            x = np.array(llm.scores[ctx // 2: ctx - 1], dtype=np.float64)
+            x -= x.max(axis=1, keepdims=True)
+            out.append(x - np.log(np.exp(x).sum(axis=1, keepdims=True)))
+    finally:
+        llm.close()
+    return out

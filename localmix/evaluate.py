@@ -187,23 +187,16 @@ def read_cache(path: Path, key: dict) -> Cache | None:
 
 
 def partial_name(path: Path, pid: int | None = None) -> Path:
-    return path.with_name(f".{path.name}.{pid or os.getpid()}.partial")
+    from quantize.partials import partial_path
 
-
-PARTIAL = re.compile(r"^\..+\.logprobs\.(?P<pid>[1-9][0-9]{0,9})\.partial$")
+    return partial_path(path, pid)
 
 
 def remove_stale_partials(folder: Path) -> None:
     """Partial cache files of processes that died without removing theirs (SIGKILL, power cut)."""
-    from quantize.partials import _running, _unlocked
+    from quantize.partials import remove_stale_partials as remove
 
-    for entry in os.scandir(folder):
-        m = PARTIAL.match(entry.name)
-        if m and int(m.group("pid")) != os.getpid() and not _running(int(m.group("pid"))) and _unlocked(Path(entry.path)):
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
+    remove(folder, ".logprobs")
 
 
 def write_cache(path: Path, tokens: np.ndarray, n_vocab: int, meta: dict, rows: Iterator[np.ndarray]) -> None:

@@ -18,7 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-PARTIAL = re.compile(r"^\.(?P<name>.+\.gguf)\.(?P<pid>[1-9][0-9]{0,9})\.partial$")
+
+def _pattern(suffix: str) -> re.Pattern:
+    return re.compile(r"^\.(?P<name>.+" + re.escape(suffix) + r")\.(?P<pid>[1-9][0-9]{0,9})\.partial$")
+
+
+PARTIAL = _pattern(".gguf")
 
 
 def partial_path(out: Path, pid: int | None = None) -> Path:
@@ -73,15 +78,16 @@ class Removed:
     size: int
 
 
-def stale_partials(folder: Path) -> list[tuple[Path, int]]:
-    """Partial outputs in `folder` whose writer no longer runs, with its PID."""
+def stale_partials(folder: Path, suffix: str = ".gguf") -> list[tuple[Path, int]]:
+    """Partial outputs (of files named *suffix) in `folder` whose writer no longer runs, with its PID."""
+    pattern = PARTIAL if suffix == ".gguf" else _pattern(suffix)
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return []
     out = []
     for entry in entries:
-        m = PARTIAL.match(entry.name)
+        m = pattern.match(entry.name)
         if not m or not entry.is_file(follow_symlinks=False):
             continue
         pid = int(m.group("pid"))
@@ -90,10 +96,10 @@ def stale_partials(folder: Path) -> list[tuple[Path, int]]:
     return sorted(out)
 
 
-def remove_stale_partials(folder: Path) -> list[Removed]:
+def remove_stale_partials(folder: Path, suffix: str = ".gguf") -> list[Removed]:
     """Remove what `stale_partials` finds; what cannot be removed (another user's, read-only) stays."""
     removed = []
-    for path, pid in stale_partials(folder):
+    for path, pid in stale_partials(folder, suffix):
         try:
             size = path.stat().st_size
             path.unlink()

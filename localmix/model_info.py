@@ -37,6 +37,23 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class Target:
+    """What a mixed-precision file was made for (`quantize --bpw` / `--for`: the localmix.target.* keys).
+    Informative only: a key of another type or out of range is left out (None), never refused."""
+
+    kind: str  # "bpw" or "machine"
+    bpw: float | None = None
+    vram: int | None = None  # bytes
+    ram: int | None = None
+    ram_bandwidth: float | None = None  # bytes/s, the machine's read bandwidth
+    ctx: int | None = None
+    tps: float | None = None  # the decode speed asked for (None: none asked)
+    predicted_decode_tps: float | None = None
+    predicted_error: float | None = None  # estimated mean KLD (quantize.sensitivity)
+    reference_error: float | None = None  # the same estimate for the uniform reference mix
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     path: str
     arch: str
@@ -58,6 +75,7 @@ class ModelInfo:
     # layer), over `routing_tokens` tokens; empty when the file carries no such statistics.
     routing: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
     routing_tokens: int = 0
+    target: Target | None = field(default=None, repr=False)
 
     @property
     def is_moe(self) -> bool:
@@ -109,6 +127,30 @@ def routing_table(kv: dict, n_layer: int, n_expert: int) -> tuple[tuple[int, ...
             or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
         return ()
     return tuple(tuple(counts[i * n_expert:(i + 1) * n_expert]) for i in range(n_layer))
+
+
+TARGET = "localmix.target."  # written by quantize --bpw / --for
+_TARGET_INTS = ("vram", "ram", "ctx")
+_TARGET_FLOATS = ("bpw", "ram_bandwidth", "tps", "predicted_decode_tps", "predicted_error", "reference_error")
+
+
+def target_of(kv: dict) -> Target | None:
+    """The localmix.target.* keys as a Target, or None when the file has no (recognisable) kind."""
+    import math
+
+    kind = kv.get(TARGET + "kind")
+    if kind not in ("bpw", "machine"):
+        return None
+
+    def number(key: str, kinds: tuple):
+        v = kv.get(TARGET + key)
+        ok = isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        return v if ok else None
+
+    values = {k: number(k, (int,)) for k in _TARGET_INTS} | {k: number(k, (int, float)) for k in _TARGET_FLOATS}
+    if values["tps"] == 0:
+        values["tps"] = None  # 0 is written for "no speed asked for"
+    return Target(kind, **values)
 
 
 def model_info(mf: ModelFile) -> ModelInfo:
@@ -168,6 +210,7 @@ def _model_info(mf: ModelFile) -> ModelInfo:
         ),
         routing=routing,
         routing_tokens=tokens_seen if routing and isinstance(tokens_seen, int) and tokens_seen >= 0 else 0,
+        target=target_of(kv),
     )
 
 

@@ -48,7 +48,7 @@ from .layout import check_layout
 from .mapping import gguf_order, map_name
 from .metadata import HParams, add_hparams, llama3_rope_freqs, read_hparams
 from .partials import Removed, locked, partial_path, remove_stale_partials
-from .recipe import OUT_TYPES, ModelShape, requires_imatrix, row_bytes, tensor_type
+from .recipe import OUT_TYPES, ModelShape, allows_quantization, block_size, requires_imatrix, row_bytes, tensor_type
 from .vocab import load_vocab
 
 BLOCK_ELEMENTS = 1 << 18  # weights handed to one kernel call: 1 MiB of float32
@@ -56,6 +56,11 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS, as the CLI's --threads
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 STORED = {"BF16": T.BF16, "F16": T.F16, "F32": T.F32}
 KV_ROUTING_TOKENS, KV_ROUTING_COUNTS = "localmix.routing.tokens", "localmix.routing.expert_counts"
+# Types a per-tensor override (`types=`) may give a quantizable tensor: those llama.cpp's ggml_quantize_chunk
+# writes and its loader reads (the ternary TQ types are for other architectures).
+OVERRIDE_TYPES = frozenset((T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K,
+                            T.Q5_K, T.Q6_K, T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S,
+                            T.IQ4_NL, T.IQ4_XS))
 
 
 class Importance(Protocol):
@@ -125,9 +130,11 @@ class Summary:
         return self.file_bytes * 8 / max(1, self.n_params)
 
 
-def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str, has_imatrix: bool = False) -> list[OutTensor]:
+def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str, has_imatrix: bool = False,
+                 types: dict[str, T] | None = None) -> list[OutTensor]:
     """Every output tensor with its shape and type, in the order llama.cpp lists them (of a checkpoint
-    `layout.check_layout` accepted)."""
+    `layout.check_layout` accepted). `types` overrides the recipe's type of quantizable tensors by name
+    (a mixed-precision file: quantize.allocate's choice), checked by `override_types`."""
     grouped: dict[str, dict] = {}
     for ref in ck.tensors.values():
         try:
@@ -161,7 +168,49 @@ def plan_tensors(ck: Checkpoint, hp: HParams, out_type: str, has_imatrix: bool =
     freqs = llama3_rope_freqs(hp)
     if freqs is not None:
         out.append(OutTensor("rope_freqs.weight", freqs.shape, T.F32, [], extra=freqs))
-    return sorted(out, key=lambda t: gguf_order(t.name))
+    out.sort(key=lambda t: gguf_order(t.name))
+    return override_types(out, types, has_imatrix) if types else out
+
+
+def override_types(tensors: list[OutTensor], types: dict[str, T], has_imatrix: bool) -> list[OutTensor]:
+    """`tensors` with the types in `types` (by tensor name), each held to what llama.cpp accepts: a tensor
+    llama-quantize would quantize, a type its kernels write whose block divides the row, and importance
+    weights for the types that are garbage without them (tensor_requires_imatrix)."""
+    by_name = {t.name: t for t in tensors}
+    for name, want in types.items():
+        t = by_name.get(name)
+        if t is None:
+            raise QuantizeError(f"type override for {shown(name)}: the model has no such tensor")
+        if not t.parts or not allows_quantization(name, len(t.shape)):
+            raise QuantizeError(f"type override for {name}: llama.cpp never quantizes this tensor (it stays {t.type.name})")
+        try:
+            want = T(want)
+        except ValueError:
+            raise QuantizeError(f"type override for {name}: {shown(str(want))} is not a ggml type") from None
+        if want not in OVERRIDE_TYPES:
+            raise QuantizeError(f"type override for {name}: {want.name} is not a type llama.cpp quantizes to")
+        if t.ne0 % block_size(want):
+            raise QuantizeError(f"type override for {name}: {want.name} needs rows of a multiple of {block_size(want)}, "
+                                f"its rows have {t.ne0}")
+        if not has_imatrix and requires_imatrix(name, want, ""):
+            raise QuantizeError(f"type override for {name}: {want.name} needs an importance matrix (--imatrix auto or FILE)")
+        t.type = want
+    return tensors
+
+
+@contextmanager
+def planned(folder: Path, out_type: str, has_imatrix: bool = False) -> Iterator[tuple[HParams, list[OutTensor]]]:
+    """The checkpoint's hyper-parameters and planned output tensors (checked as `convert` checks them), its
+    files open while the block runs: what quantize.sensitivity reads the weights through."""
+    if out_type not in OUT_TYPES:
+        raise QuantizeError(f"unknown type {out_type} (choose from {', '.join(OUT_TYPES)})")
+    ck = open_checkpoint(folder)
+    try:
+        hp = read_hparams(ck.config)
+        check_layout(ck.tensors, hp)
+        yield hp, plan_tensors(ck, hp, out_type, has_imatrix)
+    finally:
+        ck.close()
 
 
 def check_importance(tensors: list[OutTensor], out_type: str, importance: Importance | None) -> None:
@@ -319,11 +368,16 @@ def convert(
     on_bytes: Callable[[int], None] | None = None,
     on_stale: Callable[[Removed], None] | None = None,
     importance: Importance | None = None,
+    types: dict[str, T] | None = None,
+    metadata: dict | None = None,
 ) -> Summary:
     """Convert the checkpoint in `folder` to `out`. `source` may carry `repo` and `revision` for the
     metadata. The callbacks report (number of tensors, total bytes), each finished tensor, bytes, and
     each partial file of an interrupted earlier run that was removed from the output folder.
-    `importance`: weights for the kernels (an imatrix file, or the calibration), as llama-quantize's --imatrix."""
+    `importance`: weights for the kernels (an imatrix file, or the calibration), as llama-quantize's --imatrix.
+    `types`: per-tensor types over the recipe's (see plan_tensors); `out_type` still names the recipe for the
+    rest and general.file_type (for a mixed file the caller passes the uniform mix nearest its size).
+    `metadata`: extra header keys (see `add_metadata`), written before the routing counts."""
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"unknown type {out_type} (choose from {', '.join(OUT_TYPES)})")
     if threads is not None and not 1 <= threads <= MAX_THREADS:
@@ -343,9 +397,9 @@ def convert(
     try:
         hp = read_hparams(ck.config)
         check_layout(ck.tensors, hp)
-        tensors = plan_tensors(ck, hp, out_type, has_imatrix=importance is not None)
+        tensors = plan_tensors(ck, hp, out_type, has_imatrix=importance is not None, types=types)
         check_importance(tensors, out_type, importance)
-        w = _header(folder, hp, tensors, out_type, source or {}, importance)
+        w = _header(folder, hp, tensors, out_type, source or {}, importance, metadata)
         routing = importance.routing_shape() if importance is not None else None
         data_bytes = sum(t.nbytes + (-t.nbytes % ALIGNMENT) for t in tensors)
         free = disk_free(out.parent)
@@ -409,7 +463,7 @@ def _patch_routing(fout, kv_end: int, shape: tuple[int, int], importance: Import
 
 
 def _header(folder: Path, hp: HParams, tensors: list[OutTensor], out_type: str, source: dict,
-            importance: Importance | None = None) -> gguf.GGUFWriter:
+            importance: Importance | None = None, metadata: dict | None = None) -> gguf.GGUFWriter:
     """Everything before the tensor data: metadata, tokenizer, and the table of tensors."""
     w = gguf.GGUFWriter(path=None, arch="llama")
     w.add_type(gguf.GGUFType.MODEL)
@@ -424,11 +478,33 @@ def _header(folder: Path, hp: HParams, tensors: list[OutTensor], out_type: str, 
     w.add_string("localmix.version", __version__)
     add_hparams(w, hp)
     load_vocab(folder, hp.vocab_size).add_to(w)
+    if metadata:
+        add_metadata(w, metadata)
     if importance is not None:
         _add_importance(w, importance)
     for t in tensors:
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
     return w
+
+
+def add_metadata(w: gguf.GGUFWriter, metadata: dict) -> None:
+    """Extra keys, typed by their Python value: str, bool, float (float32), np.uint32 (uint32), other
+    non-negative int (uint64). A key the header already has is refused rather than overwritten."""
+    for key, value in metadata.items():
+        if any(key in kv for kv in w.kv_data):
+            raise QuantizeError(f"internal error: metadata key {shown(key)} is already in the header")
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, bool | np.bool_):
+            w.add_bool(key, bool(value))
+        elif isinstance(value, np.uint32):
+            w.add_uint32(key, int(value))
+        elif isinstance(value, int | np.integer) and value >= 0:
+            w.add_uint64(key, int(value))
+        elif isinstance(value, float | np.floating):
+            w.add_float32(key, float(value))
+        else:
+            raise QuantizeError(f"internal error: metadata {shown(key)} has a value of type {type(value).__name__}")
 
 
 def _add_importance(w: gguf.GGUFWriter, importance: Importance) -> None:

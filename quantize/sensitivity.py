@@ -59,7 +59,7 @@ ROLE_WEIGHTS: dict[str, float] = dict.fromkeys(
 
 # Weights sampled per unit: bounds the cost (the upcycled SmolLM2 in ~15 s on 2 cores, Mixtral 8x7B in about a
 # minute on 8) while the nsr's sampling noise stays near 1%.
-SAMPLE_ELEMENTS = 1 << 17
+SAMPLE_ELEMENTS = 1 << 16
 _PRIOR_SHAPE = (32, 2048)  # Gaussian rows for the prior; 2048 suits every block size
 _NO_IMPORTANCE_NAMES = ("token_embd.weight", "output.weight")  # llama-imatrix (and our calibration) collect none
 

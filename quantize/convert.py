@@ -199,8 +199,8 @@ def override_types(tensors: list[OutTensor], types: dict[str, T], has_imatrix: b
 
 
 @contextmanager
-def planned(folder: Path, out_type: str, has_imatrix: bool = False) -> Iterator[tuple[HParams, list[OutTensor]]]:
-    """The checkpoint's hyper-parameters and planned output tensors (checked as `convert` checks them), its
+def planned(folder: Path, out_type: str, has_imatrix: bool = False) -> Iterator[tuple[Checkpoint, HParams, list[OutTensor]]]:
+    """The checkpoint, its hyper-parameters and planned output tensors (checked as `convert` checks them), its
     files open while the block runs: what quantize.sensitivity reads the weights through."""
     if out_type not in OUT_TYPES:
         raise QuantizeError(f"unknown type {out_type} (choose from {', '.join(OUT_TYPES)})")
@@ -208,7 +208,7 @@ def planned(folder: Path, out_type: str, has_imatrix: bool = False) -> Iterator[
     try:
         hp = read_hparams(ck.config)
         check_layout(ck.tensors, hp)
-        yield hp, plan_tensors(ck, hp, out_type, has_imatrix)
+        yield ck, hp, plan_tensors(ck, hp, out_type, has_imatrix)
     finally:
         ck.close()
 

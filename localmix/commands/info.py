@@ -1,10 +1,12 @@
 """`localmix info MODEL [--json]`: what a GGUF holds: metadata, tensor types and their share of the file,
-expert layout, chat template and tool support, its files, and how it would run here."""
+expert layout, chat template and tool support, its files, how it would run here, and for a mixed-precision
+file (quantize --bpw / --for) what it was made for."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 from ..units import GiB
 
@@ -37,7 +39,28 @@ def describe(mf, info) -> dict:
         "source": kv.get("general.source.huggingface.repository"),
         "quantized_by": kv.get("general.quantized_by"),
         "routing": {"tokens": info.routing_tokens, "expert_counts": [list(r) for r in info.routing]} if info.routing else None,
+        "target": asdict(info.target) if info.target else None,
     }
+
+
+def target_line(target: dict) -> str:
+    """What a mixed-precision file was made for, in words."""
+    from ..units import fmt_bytes
+
+    def number(key: str, fmt: str) -> str:
+        return "?" if target.get(key) is None else format(target[key], fmt)
+
+    if target["kind"] == "bpw":
+        made = f"{number('bpw', 'g')} bits per weight (quantize --bpw)"
+    else:
+        def size(key: str) -> str:
+            return "?" if target.get(key) is None else fmt_bytes(target[key])
+
+        bw = "?" if target.get("ram_bandwidth") is None else f"{target['ram_bandwidth'] / 1e9:.1f}"
+        asked = f", asked {number('tps', 'g')} tok/s" if target.get("tps") else ""
+        made = (f"GPU {size('vram')}, RAM {size('ram')}, RAM read {bw} GB/s, context {number('ctx', 'd')}{asked} "
+                f"(quantize --for): predicted {number('predicted_decode_tps', '.1f')} tok/s decode")
+    return f"{made}; estimated error {number('predicted_error', '.4g')} (uniform reference {number('reference_error', '.4g')})"
 
 
 def shares(row) -> list[float]:
@@ -98,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     info = model_info(mf)
     d = describe(mf, info)
     d["this_machine"] = summary_here(info)
+    target = info.target
+    if target is not None and target.kind == "machine" and None not in (target.vram, target.ram):
+        d["target_machine"] = summary_here(info, target.vram, target.ram, target.ram_bandwidth)  # planned anew, at 4096
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -113,13 +139,18 @@ def run(args: argparse.Namespace) -> int:
     t = Table(show_header=False, box=None)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
-    for k, v in (("name", d["name"]), ("file", files), ("type", d["type"]),
+    kind = d["type"] + (" (mixed precision: the uniform mix nearest in size)" if d["target"] else "")
+    for k, v in (("name", d["name"]), ("file", files), ("type", kind),
                  ("size", f"{d['bytes'] / GiB:.2f} GiB, {d['parameters'] / 1e9:.2f} B parameters"),
                  ("layout", f"{d['architecture']}, {d['layers']} layers, hidden {d['embedding']}, {d['heads']} heads ({d['kv_heads']} KV)"),
                  ("experts", experts), ("context", str(d["context"])),
                  ("tokenizer", f"{d['tokenizer']}, {d['vocabulary']} tokens"), ("tools", d["tools"]),
                  ("source", d["source"] or "-"), ("this machine", d["this_machine"])):
         t.add_row(k, markup(v, 1000))  # names, paths and metadata come from the file: shown, never markup
+    if d["target"]:
+        t.add_row("made for", markup(target_line(d["target"]), 1000))
+    if d.get("target_machine"):
+        t.add_row("on that machine", markup(d["target_machine"], 1000))
     con.print(t)
     types = Table(title="Tensor types", title_justify="left")
     types.add_column("type")

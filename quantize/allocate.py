@@ -94,6 +94,29 @@ class Frontier:
             chosen[s.unit] = s.option
         return {u.name: o.type for u, o in zip(self.units, chosen, strict=True)}
 
+    def filled(self, budget: float) -> dict[str, T]:
+        """The prefix within `budget`, then each later step that still fits, in frontier order (a unit's steps
+        in their own order): the budget's slack below the next step is spent too. Still monotonic in the budget:
+        where a larger budget first takes a step s the smaller cannot, the smaller's remaining budget is below
+        s's cost and every later step saves at most s's error per cost, so it saves less than s alone.
+        (ValueError when even the cheapest options cost more.)"""
+        k = self.within(budget)
+        if k < 0:
+            raise ValueError(f"budget {budget} below the cheapest options' cost {self.cost(0)}")
+        chosen = self.types(k)
+        left = budget - self.cost(k)
+        taken = [0] * len(self.units)  # steps taken per unit
+        for s in self.steps[:k]:
+            taken[s.unit] += 1
+        seen = list(taken)  # steps met per unit: a step is taken only if all of its unit's earlier ones were
+        for s in self.steps[k:]:
+            seen[s.unit] += 1
+            if seen[s.unit] == taken[s.unit] + 1 and s.cost <= left:
+                chosen[self.units[s.unit].name] = s.option.type
+                taken[s.unit] += 1
+                left -= s.cost
+        return chosen
+
     def within(self, budget: float) -> int:
         """The largest k whose cost is at most `budget`; -1 if even the cheapest options cost more."""
         return bisect_right(self._costs, budget) - 1
@@ -108,12 +131,11 @@ def by_bytes(units: list[Unit], budget_bytes: int) -> dict[str, T]:
     """The least-error types whose bytes (of the units alone: the caller subtracts norms, routers and the
     like) stay within `budget_bytes`."""
     f = Frontier(units, lambda u, o: o.nbytes)
-    k = f.within(budget_bytes)
-    if k < 0:
+    if f.within(budget_bytes) < 0:
         raise QuantizeError(
             f"the smallest types take {_size(f.cost(0))}, more than the {_size(max(budget_bytes, 0))} the target leaves for them"
         )
-    return f.types(k)
+    return f.filled(budget_bytes)
 
 
 def _size(n: float) -> str:

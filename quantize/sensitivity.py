@@ -107,8 +107,9 @@ def candidates(ne0: int, with_importance: bool) -> tuple[T, ...]:
 
 
 def is_unit(t: OutTensor) -> bool:
-    """A tensor the search chooses a type for: quantizable, read from the checkpoint as floats."""
-    return bool(t.parts) and allows_quantization(t.name, len(t.shape)) and not is_quantized(t.stored)
+    """A tensor the search chooses a type for: quantizable, stored as floats, and some ladder type fits its
+    rows (one that none fits keeps its recipe type, F16: a fixed cost for the search)."""
+    return allows_quantization(t.name, len(t.shape)) and not is_quantized(t.stored) and bool(candidates(t.ne0, True))
 
 
 def _unit(t: OutTensor, types: tuple[T, ...], nsr: dict[T, float], measured: bool) -> Unit:
@@ -217,8 +218,9 @@ def measure(tensors: list[OutTensor], importance: Importance | None = None, *, r
     """One Unit per quantizable tensor, in the order given, its errors measured on about `elements` sampled
     weights. `importance`: anything with .weights(name) -> float32 [n_mat, ne0] | None (an Imatrix); the
     i-quants are offered only for tensors it has weights for. `routing`: counts [n_layer, n_expert] to weight
-    experts by. `on_unit(done, total)` after each unit. A unit whose sampled rows are all zero gets the prior."""
-    work = [t for t in tensors if is_unit(t) and candidates(t.ne0, True)]
+    experts by. `on_unit(done, total)` after each unit. A unit whose sampled rows are all zero (a sparse
+    checkpoint), or that has no weights to read (a tensor table), gets the prior."""
+    work = [t for t in tensors if is_unit(t)]
     pool = ThreadPoolExecutor(threads or default_threads())
     try:
         jobs = []
@@ -226,11 +228,11 @@ def measure(tensors: list[OutTensor], importance: Importance | None = None, *, r
             w = _importance_rows(t, importance)
             types = candidates(t.ne0, w is not None)
             xs, p = _samples(t, elements), _expert_shares(t, routing)
-            jobs.append((t, types, [pool.submit(_nsr, xs, ty, w, p) for ty in types]))
+            jobs.append((t, types, [pool.submit(_nsr, xs, ty, w, p) for ty in types] if xs else []))
         out = []
         for i, (t, types, futures) in enumerate(jobs):
             nsr = [f.result() for f in futures]
-            if any(v is None for v in nsr):
+            if not nsr or any(v is None for v in nsr):
                 out.append(_unit(t, types, {ty: prior(ty) for ty in types}, False))
             else:
                 out.append(_unit(t, types, dict(zip(types, nsr, strict=True)), True))

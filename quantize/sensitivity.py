@@ -44,10 +44,12 @@ LADDER: tuple[T, ...] = (
     T.IQ2_XXS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.Q3_K, T.IQ4_XS, T.IQ4_NL, T.Q4_0, T.Q4_K,
     T.Q4_1, T.Q5_0, T.Q5_K, T.Q5_1, T.Q6_K, T.Q8_0,
 )
-# Offered only for a tensor with importance weights: those llama.cpp requires them for (the kernels give
-# garbage without) and the other i-quants, whose advantage is the importance they use.
+# The i-quants are offered only with an importance matrix (their advantage is the importance they use), and
+# those llama.cpp requires weights for (the kernels give garbage without) only to tensors that have them:
+# token_embd, which gets none, may still take IQ4_NL as the IQ mixes give it.
 IQ_TYPES = frozenset(t for t in LADDER if t.name.startswith("IQ"))
-assert NEEDS_IMATRIX & set(LADDER) <= IQ_TYPES
+NEEDS_WEIGHTS = NEEDS_IMATRIX & frozenset(LADDER)
+assert NEEDS_WEIGHTS <= IQ_TYPES
 
 # Role -> predicted mean KLD per unit of nsr. 1.0 each until benchmarks/fit_role_weights.py fits them
 # (the fitted table goes here, with how it was fitted).
@@ -101,9 +103,15 @@ def layer_of(name: str) -> int:
     return int(name.split(".")[1]) if name.startswith("blk.") else -1
 
 
-def candidates(ne0: int, with_importance: bool) -> tuple[T, ...]:
-    """The ladder's types llama.cpp accepts for rows of ne0 weights (the kernels write whole blocks)."""
-    return tuple(t for t in LADDER if ne0 % block_size(t) == 0 and (with_importance or t not in IQ_TYPES))
+def candidates(ne0: int, importance: bool, weighted: bool | None = None) -> tuple[T, ...]:
+    """The ladder's types llama.cpp accepts for rows of ne0 weights (the kernels write whole blocks); the
+    i-quants with an importance matrix (`importance`), those that need weights only if this tensor has them."""
+    weighted = importance if weighted is None else weighted
+
+    def offered(t: T) -> bool:
+        return (importance or t not in IQ_TYPES) and (weighted or t not in NEEDS_WEIGHTS)
+
+    return tuple(t for t in LADDER if ne0 % block_size(t) == 0 and offered(t))
 
 
 def is_unit(t: OutTensor) -> bool:
@@ -133,12 +141,13 @@ def prior(t: T) -> float:
 
 def estimate(tensors: list[OutTensor], *, has_importance: bool = False) -> list[Unit]:
     """The units from shapes alone: every option's error is the Gaussian prior (measured=False). For dry runs
-    on tensor tables. `has_importance`: offer the i-quants too (not for token_embd/output, which get no weights)."""
+    on tensor tables. `has_importance`: offer the i-quants as measure() does with an imatrix that has weights for
+    every tensor but token_embd/output (as llama-imatrix and our calibration give)."""
     out = []
     for t in tensors:
         if not is_unit(t):
             continue
-        types = candidates(t.ne0, has_importance and t.name not in _NO_IMPORTANCE_NAMES)
+        types = candidates(t.ne0, has_importance, has_importance and t.name not in _NO_IMPORTANCE_NAMES)
         if types:
             out.append(_unit(t, types, {ty: prior(ty) for ty in types}, False))
     return out
@@ -216,17 +225,18 @@ def measure(tensors: list[OutTensor], importance: Importance | None = None, *, r
             elements: int = SAMPLE_ELEMENTS, threads: int | None = None,
             on_unit: Callable[[int, int], None] | None = None) -> list[Unit]:
     """One Unit per quantizable tensor, in the order given, its errors measured on about `elements` sampled
-    weights. `importance`: anything with .weights(name) -> float32 [n_mat, ne0] | None (an Imatrix); the
-    i-quants are offered only for tensors it has weights for. `routing`: counts [n_layer, n_expert] to weight
-    experts by. `on_unit(done, total)` after each unit. A unit whose sampled rows are all zero (a sparse
-    checkpoint), or that has no weights to read (a tensor table), gets the prior."""
+    weights. `importance`: anything with .weights(name) -> float32 [n_mat, ne0] | None (an Imatrix); without
+    it no i-quants are offered, with it those that need weights only for tensors it has weights for.
+    `routing`: counts [n_layer, n_expert] to weight experts by. `on_unit(done, total)` after each unit. A unit
+    whose sampled rows are all zero (a sparse checkpoint), or that has no weights to read (a tensor table), gets
+    the prior."""
     work = [t for t in tensors if is_unit(t)]
     pool = ThreadPoolExecutor(threads or default_threads())
     try:
         jobs = []
         for t in work:
             w = _importance_rows(t, importance)
-            types = candidates(t.ne0, w is not None)
+            types = candidates(t.ne0, importance is not None, w is not None)
             xs, p = _samples(t, elements), _expert_shares(t, routing)
             jobs.append((t, types, [pool.submit(_nsr, xs, ty, w, p) for ty in types] if xs else []))
         out = []

@@ -13,6 +13,7 @@ the calibration runs whole first, since the measurement needs its weights; the p
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,8 +202,12 @@ def run(args: argparse.Namespace) -> int:
     if saved is not None:
         table.add_row("imatrix", f"computed from {importance.routing_tokens or '?'} tokens, {s.with_importance} tensors weighted; "
                                  f"saved to {shown(saved, 400)}")
-    calib = f" (calibration {fmt_duration(s.importance_seconds)})" if auto else ""
-    table.add_row("time", fmt_duration(s.seconds) + calib)
+    if choice is not None:  # the calibration and the measuring ran before the pass
+        calib = f"calibration {fmt_duration(choice.calibration_seconds)}, " if auto else ""
+        table.add_row("time", f"{fmt_duration(s.seconds + choice.seconds)} ({calib}measuring {fmt_duration(choice.measuring_seconds)})")
+    else:
+        calib = f" (calibration {fmt_duration(s.importance_seconds)})" if auto else ""
+        table.add_row("time", fmt_duration(s.seconds) + calib)
     table.add_row("peak memory", fmt_bytes(s.peak_rss))
     con.print(f"[bold green]Wrote[/] {escape(str(s.path))}", soft_wrap=True)  # whole, for copy-paste
     con.print(table)
@@ -318,6 +323,9 @@ class Choice:
     metadata: dict  # the localmix.target.* keys
     report: list[str]  # the dry run's text
     rows: list[tuple[str, str]]  # lines for the closing summary
+    seconds: float = 0.0  # all of the choosing
+    calibration_seconds: float = 0.0
+    measuring_seconds: float = 0.0
 
 
 def choose(args: argparse.Namespace, folder: Path, importance, progress) -> Choice:
@@ -332,6 +340,7 @@ def choose(args: argparse.Namespace, folder: Path, importance, progress) -> Choi
     from ..text import shown
     from ..units import fmt_bytes
 
+    t0 = time.perf_counter()
     has_imatrix = importance is not None
     with planned(folder, args.type, has_imatrix) as (ck, hp, tensors):  # a target out of reach fails before the calibration
         n_params = sum(t.n_elements for t in tensors)
@@ -339,11 +348,13 @@ def choose(args: argparse.Namespace, folder: Path, importance, progress) -> Choi
             _check_bpw(args.bpw, estimate(tensors, has_importance=has_imatrix), tensors, n_params)
         ctx = _check_ctx(args, hp)
     weights, routing = importance, None
+    t_calibration = time.perf_counter()
     if isinstance(importance, Calibrator):
         weights = importance.imatrix()  # runs the whole calibration: the measurement needs every layer's weights
         routing = importance.routing()
     elif importance is not None:
         routing = imatrix_routing(importance, hp)
+    t_measuring = time.perf_counter()
     with planned(folder, args.type, has_imatrix) as (ck, hp, tensors):
         check_importance(tensors, args.type, importance)
         task = progress.add_task("measuring", total=None, tensors="", layers=True, visible=False)
@@ -353,6 +364,7 @@ def choose(args: argparse.Namespace, folder: Path, importance, progress) -> Choi
 
         units = measure(tensors, weights, routing=routing, threads=args.threads, on_unit=on_unit)
         progress.update(task, visible=False)
+        measured = time.perf_counter()
         uniform_bytes = {name: sum(t.nbytes for t in plan_tensors(ck, hp, name, has_imatrix)) for name in OUT_TYPES}
     uniform = {t.name: t.type for t in tensors}
     reference = {u.name: uniform[u.name] for u in units}
@@ -369,14 +381,15 @@ def choose(args: argparse.Namespace, folder: Path, importance, progress) -> Choi
                 "localmix.target.predicted_error": float(error), "localmix.target.reference_error": float(reference_error)}
     size_line = (f"{fmt_bytes(mixed_bytes)}, {mixed_bytes * 8 / n_params:.2f} bits per weight "
                  f"(uniform {args.type}: {fmt_bytes(uniform_bytes[args.type])}, {uniform_bytes[args.type] * 8 / n_params:.2f})")
-    error_line = f"{error:.4g} estimated mean KLD (uniform {args.type}: {reference_error:.4g}; {_change(error, reference_error)})"
+    error_line = f"{error:.4g} mean KLD (uniform {args.type}: {reference_error:.4g}; {_change(error, reference_error)})"
     rows = [("target", f"{target.title} (uniform mix nearest in size: {file_type})"), ("estimated error", error_line),
             *target.rows]
     report = [f"{target.title}: {shown(name)}", "", *type_table(mixed), "",
               *_aligned([("size", size_line), ("estimated error", error_line), *target.rows,
                          ("file type", f"{file_type} (the uniform mix nearest in size)")]),
               "", "Dry run: nothing was written."]
-    return Choice(target.types, file_type, metadata, report, rows)
+    return Choice(target.types, file_type, metadata, report, rows, time.perf_counter() - t0,
+                  t_measuring - t_calibration, measured - t_measuring)
 
 
 @dataclass

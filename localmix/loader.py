@@ -10,22 +10,25 @@ from pathlib import Path
 
 from .backends.llama import LlamaBackend
 from .errors import LocalmixError
-from .hardware import DEFAULT_GPU_BANDWIDTH, PCIE_BANDWIDTH, Hardware, detect
+from .hardware import DECODE_READ_EFFICIENCY, DEFAULT_GPU_BANDWIDTH, PCIE_BANDWIDTH, Hardware, detect
 from .model_info import ModelInfo, model_info
 from .modelfile import ModelFile, open_model_file
 from .planner import Budget, Plan, plan
 from .units import DEFAULT_CTX
 
 
-def machine_and_budget(vram: int | None = None, ram: int | None = None, *, measure: bool = False) -> tuple[Hardware, Budget]:
-    """This machine, and the budget to plan for: what it has free, or the `vram`/`ram` given (bytes)."""
+def machine_and_budget(vram: int | None = None, ram: int | None = None, ram_bandwidth: float | None = None, *,
+                       measure: bool = False) -> tuple[Hardware, Budget]:
+    """This machine, and the budget to plan for: what it has free, or the `vram`/`ram` given (bytes), and
+    its RAM's read bandwidth or the `ram_bandwidth` given (bytes/s, as our probe measures it: the machine
+    planned for is another one, so this one's cores do not cap it)."""
     hw = detect(measure=measure)
     gpu = hw.gpus[0] if hw.gpus else None
     budget = Budget(
         vram=vram if vram is not None else (gpu.free if gpu else 0),
         ram=ram if ram is not None else hw.ram_available,
         gpu_bandwidth=gpu.bandwidth if gpu else DEFAULT_GPU_BANDWIDTH,
-        cpu_bandwidth=hw.cpu_decode_bandwidth,
+        cpu_bandwidth=hw.cpu_decode_bandwidth if ram_bandwidth is None else ram_bandwidth * DECODE_READ_EFFICIENCY,
         pcie_bandwidth=PCIE_BANDWIDTH,
         cpu_flops=hw.cpu_flops,
     )
@@ -47,7 +50,7 @@ class Planned:
 
 
 def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None, ctx: int | None = None,
-            kv_type: str = "f16", measure: bool = False) -> Planned:
+            kv_type: str = "f16", ram_bandwidth: float | None = None, measure: bool = False) -> Planned:
     """Read and plan. `ctx` None: DEFAULT_CTX, lowered (with a note) to what the model was trained on."""
     mf = open_model_file(path)
     info = model_info(mf)
@@ -58,7 +61,7 @@ def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None
             notes = (f"context {ctx} tokens, the longest this model was trained on",)
     elif ctx > info.n_ctx_train:
         raise LocalmixError(f"--ctx {ctx} is longer than the model's trained context ({info.n_ctx_train})")
-    hw, budget = machine_and_budget(vram, ram, measure=measure)
+    hw, budget = machine_and_budget(vram, ram, ram_bandwidth, measure=measure)
     return Planned(mf, info, hw, budget, plan(info, budget, ctx, kv_type), ctx, kv_type, notes)
 
 
@@ -80,13 +83,13 @@ def vocabulary(mf: ModelFile):
         raise LocalmixError(f"llama.cpp could not read the vocabulary of {mf.path}: {e}") from None
 
 
-def summary_here(info: ModelInfo, vram: int | None = None, ram: int | None = None) -> str:
+def summary_here(info: ModelInfo, vram: int | None = None, ram: int | None = None, ram_bandwidth: float | None = None) -> str:
     """How a model would run on this machine (or on the budget given), in one line: the plan's summary
     at a 4096-token context, or why it does not fit."""
     from .describe import summary_line
     from .errors import DoesNotFit
 
-    _, budget = machine_and_budget(vram, ram)
+    _, budget = machine_and_budget(vram, ram, ram_bandwidth)
     try:
         return summary_line(info, plan(info, budget, min(DEFAULT_CTX, info.n_ctx_train)))
     except DoesNotFit as e:

@@ -7,6 +7,7 @@ model's name is kept as it may be shown (text.shown: no control characters, boun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .errors import ModelFileError
 from .modelfile import ModelFile, open_model_file
@@ -93,12 +94,18 @@ class ModelInfo:
     def native_tools(self) -> bool:
         return self.prompt.native_tools
 
+    @cached_property
+    def tied_embeddings(self) -> bool:
+        """No output.weight: llama.cpp computes the logits with token_embd (as TENSOR_DUPLICATED)."""
+        names = {t.name for t in self.tensors}
+        return "token_embd.weight" in names and "output.weight" not in names
+
     def read_fraction(self, t: Tensor) -> float:
         """Share of a tensor read for one token of decode."""
         if t.role == "expert" and self.n_expert:
             return self.n_expert_used / self.n_expert
         if t.role == "embed":
-            return 0.0  # one row
+            return 1.0 if self.tied_embeddings else 0.0  # the output matrix too, or one row
         return 1.0
 
 

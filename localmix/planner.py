@@ -81,7 +81,7 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
     cpu_expert_bytes = 0
     for t in m.tensors:
         share = m.read_fraction(t)
-        if t.name in gpu:
+        if reads_on_gpu(m, t, gpu, n_gpu_layers):
             gpu_bytes += t.nbytes * share
         else:
             cpu_bytes += t.nbytes * share
@@ -105,6 +105,20 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
     return 1.0 / t_decode, 1.0 / t_prefill
 
 
+def output_copy(m: ModelInfo, n_gpu_layers: int) -> int:
+    """Bytes of VRAM taken by the copy of token_embd that llama.cpp makes as the output matrix of a model
+    with tied embeddings when the output layer is offloaded (the input embedding stays in RAM)."""
+    if not (m.tied_embeddings and n_gpu_layers == m.n_layer):
+        return 0
+    return sum(t.nbytes for t in m.tensors if t.role == "embed")
+
+
+def reads_on_gpu(m: ModelInfo, t: Tensor, gpu: frozenset[str], n_gpu_layers: int) -> bool:
+    """Whether decode reads tensor t from VRAM: placed there, or, for tied embeddings, read as the output
+    matrix from its copy on the GPU."""
+    return t.name in gpu or (t.role == "embed" and n_gpu_layers == m.n_layer and m.tied_embeddings)
+
+
 def split_layers(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int) -> set[int]:
     """Offloaded layers whose experts (some or all) run on the CPU: each token's activations go to the
     host and back there. llama.cpp offloads the last n_gpu_layers layers."""
@@ -122,7 +136,8 @@ def _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, label) -> Plan:
     cpu_experts = tuple(t.name for t in m.tensors if t.role == "expert" and t.layer >= first and t.name not in gpu)
     gpu_weights = sum(t.nbytes for t in m.tensors if t.name in gpu)
     kv_gpu = kv_cache_bytes(m, ctx, kv_type, n_gpu_layers)
-    vram = {"weights": gpu_weights, "kv_cache": kv_gpu, "compute": compute_bytes(m, ubatch), "reserve": RESERVE} if n_gpu_layers else {}
+    vram = {"weights": gpu_weights + output_copy(m, n_gpu_layers), "kv_cache": kv_gpu, "compute": compute_bytes(m, ubatch),
+            "reserve": RESERVE} if n_gpu_layers else {}
     ram = {"weights": m.weight_bytes - gpu_weights, "kv_cache": kv_cache_bytes(m, ctx, kv_type) - kv_gpu}
     decode, prefill = predict(m, gpu, n_gpu_layers, b, ubatch)
     return Plan(gpu, n_gpu_layers, cpu_experts, vram, ram, decode, prefill, label)
@@ -138,7 +153,8 @@ def _dense_gpu(m: ModelInfo, n_gpu_layers: int) -> set[str]:
 
 
 def _fixed_vram(m, ctx, kv_type, ubatch, n_gpu_layers) -> int:
-    return kv_cache_bytes(m, ctx, kv_type, n_gpu_layers) + compute_bytes(m, ubatch) + RESERVE
+    """VRAM taken with n_gpu_layers offloaded before any tensor the plan chooses."""
+    return kv_cache_bytes(m, ctx, kv_type, n_gpu_layers) + compute_bytes(m, ubatch) + RESERVE + output_copy(m, n_gpu_layers)
 
 
 def _bytes(m: ModelInfo, names) -> int:

@@ -14,7 +14,7 @@ LAYERS = {
     "localmix.errors": 1, "localmix.units": 1, "localmix.paths": 1, "localmix.text": 1, "localmix.llamacpp": 1,
     "localmix.modelfile": 2, "localmix.validate": 2, "localmix.prompt": 2,
     "localmix.model_info": 3, "localmix.quality": 3,
-    "localmix.hardware": 4, "localmix.planner": 4,
+    "localmix.hardware": 4, "localmix.planner": 4, "localmix.tailor": 4,
     "localmix.describe": 5, "localmix.backends": 5, "localmix.tools": 5, "localmix.store": 5,
     "localmix.backends.llama": 6, "localmix.tools.loop": 6, "localmix.models": 6,
     "localmix.reply": 7, "localmix.hub": 7, "localmix.demo": 7, "localmix.loader": 7, "localmix.evaluate": 7,

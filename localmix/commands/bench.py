@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             "prefill_predicted": plan.prefill_tps, "prefill_measured": got.prefill_tps,
         })
     if args.json:
-        print(json.dumps({"model": info.path, "vram_budget": budget.vram, "ctx": p.ctx, "results": rows}, indent=1))
+        print(json.dumps({"model": info.path, "vram_budget": budget.vram, "ram_bandwidth": args.ram_bandwidth, "ctx": p.ctx,
+                          "results": rows}, indent=1))
         return 0
 
     from rich.console import Console
@@ -101,4 +102,6 @@ def run(args: argparse.Namespace) -> int:
     con.print(t)
     if budget.vram and not hw.gpus:
         con.print("No GPU here: every placement ran on the CPU, so the predictions for GPU placements are not checked.")
+    if args.ram_bandwidth is not None:
+        con.print(f"Predicted for RAM at {args.ram_bandwidth / 1e9:.0f} GB/s (--ram-bandwidth), measured on this machine.")
     return 0

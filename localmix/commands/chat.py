@@ -30,7 +30,7 @@ def store_models() -> list:
 
 
 def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | None = None, kv_type: str = "f16",
-                 threads: int | None = None, default_model=None):
+                 threads: int | None = None, default_model=None, ram_bandwidth: float | None = None):
     """The app's loader: (progress, path) -> (backend, {"split", "summary"}), run in the app's loading
     thread. No path and no default model: the demo, built on first use."""
 
@@ -43,7 +43,7 @@ def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | 
         from ..loader import prepare as read_and_plan
 
         path = path or default_model or ensure_demo(lambda f: progress(f, "Building the demo model (first run only)"))
-        p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type)
+        p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type, ram_bandwidth=ram_bandwidth)
         backend = load(p, threads=threads, progress=lambda f: progress(f, f"Loading {Path(path).name}"))
         summary = " · ".join([summary_line(p.info, p.plan), *p.notes])  # e.g. the context lowered to the trained one
         return backend, {"split": split_label(p.plan), "summary": summary}
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         detect(measure=True)
     demo = not models
     prepare = make_prepare(vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads,
-                           default_model=models[0] if models else None)
+                           default_model=models[0] if models else None, ram_bandwidth=args.ram_bandwidth)
     label = DEMO_FILE.removesuffix(".gguf") if demo else model_name(models[0])
     choices = [(model_name(m), str(m)) for m in models] if len(models) > 1 else None
     toolset = None

@@ -7,13 +7,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..units import DEFAULT_CTX, parse_size
+from ..units import DEFAULT_CTX, parse_bandwidth, parse_size
 
 
 def size(text: str) -> int:
     """argparse type for SIZE flags."""
     try:
         return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def bandwidth(text: str) -> float:
+    """argparse type for --ram-bandwidth."""
+    try:
+        return parse_bandwidth(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -48,6 +56,8 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=tokens, default=None,
                    help=f"context length in tokens (default {DEFAULT_CTX}, or the model's trained context if shorter)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "q8_0", "q4_0"), help="KV cache type (default f16)")
+    p.add_argument("--ram-bandwidth", type=bandwidth, metavar="BW",
+                   help="RAM read bandwidth of the machine to plan for, e.g. 80GB/s (default: this machine's, measured)")
     p.add_argument("--measure", action="store_true", help="measure this machine's memory bandwidth again (forget the cached probes)")
 
 
@@ -79,7 +89,7 @@ def planned(args: argparse.Namespace):
     from ..loader import prepare
 
     p = prepare(open_model(args.model), vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type,
-                measure=args.measure)
+                ram_bandwidth=args.ram_bandwidth, measure=args.measure)
     for note in p.notes:
         print(f"localmix {args.command}: {note}", file=sys.stderr)
     return p

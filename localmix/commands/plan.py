@@ -1,5 +1,5 @@
-"""`localmix plan MODEL [--vram] [--ram] [--ctx] [--kv-type] [--json] [--llama-args]`: where every
-tensor goes on this machine (or the one --vram/--ram describe) and how fast it should run."""
+"""`localmix plan MODEL [--vram] [--ram] [--ram-bandwidth] [--ctx] [--kv-type] [--json] [--llama-args]`: where
+every tensor goes on this machine (or the one --vram/--ram/--ram-bandwidth describe) and how fast it should run."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--llama-args", action="store_true", help="print the equivalent llama.cpp flags (-ngl, -ot)")
 
 
-def plan_json(p) -> dict:
-    """The plan as data (keys in the README)."""
+def plan_json(p, ram_bandwidth: float | None = None) -> dict:
+    """The plan as data (keys in the README); `ram_bandwidth`: the --ram-bandwidth given, if any."""
     from ..describe import attention_on_gpu
     from ..planner import llama_args
 
@@ -37,7 +37,7 @@ def plan_json(p) -> dict:
         "machine": {"gpus": [g.__dict__ for g in hw.gpus], "ram_total": hw.ram_total, "ram_available": hw.ram_available,
                     "cores": hw.cores, "cpu_decode_bandwidth": hw.cpu_decode_bandwidth,
                     "read_bandwidth": hw.read_bandwidth, "bandwidth_probes": hw.probes, "bandwidth_measured": hw.measured},
-        "budget": {"vram": budget.vram, "ram": budget.ram},
+        "budget": {"vram": budget.vram, "ram": budget.ram, "ram_bandwidth": ram_bandwidth, "cpu_decode_bandwidth": budget.cpu_bandwidth},
         "ctx": p.ctx,
         "kv_type": p.kv_type,
         "n_gpu_layers": plan.n_gpu_layers,
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     p = planned(args)
     info, hw, budget, plan = p.info, p.hardware, p.budget, p.plan
     if args.json:
-        print(json.dumps(plan_json(p), indent=1))
+        print(json.dumps(plan_json(p, args.ram_bandwidth), indent=1))
         return 0
     if args.llama_args:
         print(shlex.join(llama_args(info, plan)))
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     gpu = ", ".join(f"{markup(g.name)} ({g.free / GiB:.1f} of {g.total / GiB:.1f} GiB free)" for g in hw.gpus) or "no GPU"
     con.print(f"Machine: {gpu} · RAM {hw.ram_available / GiB:.1f} of {hw.ram_total / GiB:.1f} GiB free · "
               f"{hw.cores} cores · {measured_line(hw)}")
-    con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB · context {p.ctx} ({p.kv_type} KV cache)")
+    given = f" at {args.ram_bandwidth / 1e9:.0f} GB/s" if args.ram_bandwidth is not None else ""
+    con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB{given} · context {p.ctx} ({p.kv_type} KV cache)")
 
     t = Table(title="Placement", title_justify="left")
     t.add_column("layers")

@@ -30,6 +30,7 @@ from gguf.quants import dequantize
 
 from .checkpoint import to_f32
 from .errors import QuantizeError, shown
+from .ggml import _init as init_kernel
 from .ggml import default_threads, quantize_rows
 from .recipe import NEEDS_IMATRIX, allows_quantization, block_size, is_quantized, row_bytes
 
@@ -237,6 +238,8 @@ def measure(tensors: list[OutTensor], importance: Importance | None = None, *, r
         for t in work:
             w = _importance_rows(t, importance)
             types = candidates(t.ne0, importance is not None, w is not None)
+            for ty in types:  # the i-quants' grids (seconds for IQ2_S): once, here, not in threads spinning on its lock
+                init_kernel(int(ty))
             xs, p = _samples(t, elements), _expert_shares(t, routing)
             jobs.append((t, types, [pool.submit(_nsr, xs, ty, w, p) for ty in types] if xs else []))
         out = []

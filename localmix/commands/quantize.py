@@ -489,7 +489,7 @@ def _by_machine(args: argparse.Namespace, hp, tensors, units, reference: dict, c
         uniform = f"{plan(base, budget, ctx, kv_type).decode_tps:.1f} tok/s"
     except DoesNotFit:
         uniform = "does not fit"
-    machine = f"GPU {fmt_bytes(vram)}, RAM {fmt_bytes(ram)}"
+    machine = f"{f'GPU {fmt_bytes(vram)}' if vram else 'no GPU'}, RAM {fmt_bytes(ram)}"
     asked = f", {args.tps:g} tok/s" if args.tps is not None else ""
     rows = [("machine", f"{machine}, RAM read {read / 1e9:.1f} GB/s, context {ctx}, {kv_type} KV cache"),
             ("plan", summary_line(t.info, t.plan)),

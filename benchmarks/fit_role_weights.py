@@ -10,9 +10,9 @@ ratio quantize.sensitivity.measure computes on the real weights. One weight per 
 On the upcycled SmolLM2 fixture with its `--imatrix auto` imatrix (benchmarks/quality.py's files), every file
 made with that imatrix by quantize.convert.convert(types=...):
   base       every unit Q8_0
-  role r, t  every unit Q8_0 except role r's units (all layers) at type t: two low types per role, the
-             lowest llama.cpp accepts for the row length and one step up (Q2_K and Q4_K for 256-divisible rows,
-             Q4_0 and Q5_0 for the 576-wide rows a 256-block does not divide)
+  role r, t  every unit Q8_0 except role r's units (all layers) at type t: the lowest type llama.cpp accepts
+             for the row length (Q2_K for 256-divisible rows, Q4_0 for the 576-wide rows a 256-block does not
+             divide) and, for the expert matrices and token_embd, one more (Q4_K, Q5_0)
 each scored by `localmix eval FILE --reference BF16 --chunks N`. A point is (dN, dK): dN = sum over role r's
 units of nsr(t) - nsr(Q8_0), dK = its mean KLD minus the base file's. The weight is the least-squares slope
 through the origin over the role's points, sum(dN dK) / sum(dN^2). Roles this fixture lacks take the weight
@@ -23,7 +23,7 @@ model's output matrix as well as its input embedding).
 Check: the fitted model's prediction for uniform Q3_K_M, Q4_K_M and Q5_K_M (same imatrix) against their
 measured mean KLD (the base file's measured KLD is the floor both include).
 
-Prints the dict to paste into quantize/sensitivity.py and the tables. About 20 files: 8-12 minutes on
+Prints the dict to paste into quantize/sensitivity.py and the tables. About 16 files: 8-12 minutes on
 2 idle cores with --chunks 10 (the eval results are cached in WORK/results.json, so a rerun only refits).
 """
 
@@ -42,29 +42,27 @@ from benchmarks.mixed_precision import Work, say  # noqa: E402
 
 CHECK = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
 POINTS = {256: ("Q2_K", "Q4_K"), 32: ("Q4_0", "Q5_0")}  # by the largest block that divides the rows
+TWO_POINTS = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "token_embd"}
 # Roles absent from the fixture, and the fitted role whose weight they take (see the docstring).
 KIN = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": "ffn_down_exps", "output": "token_embd"}
 
 
-def role_of(name: str) -> str:
-    """GGUF tensor name -> quantize.sensitivity's role ("blk.3.ffn_down_exps.weight" -> "ffn_down_exps")."""
-    stem = name.removesuffix(".weight")
-    return stem.split(".", 2)[2] if stem.startswith("blk.") else stem
-
-
 def unit_tensors(work: Work) -> dict[str, list]:
     """The fixture's quantizable tensors (the units), by role."""
-    from quantize.recipe import allows_quantization
+    from quantize.sensitivity import is_unit, role_of
 
     out: dict[str, list] = {}
     for t in work.planned("Q8_0"):
-        if t.parts and allows_quantization(t.name, len(t.shape)):
+        if is_unit(t):
             out.setdefault(role_of(t.name), []).append(t)
     return out
 
 
-def points_for(ne0: int) -> tuple[str, str]:
-    return POINTS[256] if ne0 % 256 == 0 else POINTS[32]
+def points_for(role: str, ne0: int) -> tuple[str, ...]:
+    """Two types for the roles that hold most of the weights (the second point shows how linear KLD is in
+    nsr there), the lowest alone for the attention matrices (a 2-core machine's time)."""
+    pts = POINTS[256] if ne0 % 256 == 0 else POINTS[32]
+    return pts if role in TWO_POINTS else pts[:1]
 
 
 def measure_files(work: Work) -> dict:
@@ -76,7 +74,7 @@ def measure_files(work: Work) -> dict:
     for role, ts in roles.items():
         ne0 = {t.ne0 for t in ts}
         assert len(ne0) == 1, (role, ne0)
-        for tname in points_for(ne0.pop()):
+        for tname in points_for(role, ne0.pop()):
             say(f"{role} at {tname}")
             types = base | {t.name: T[tname] for t in ts}
             out["roles"].setdefault(role, {})[tname] = work.made(f"fit-{role}-{tname}", "Q8_0", types)
@@ -87,14 +85,15 @@ def measure_files(work: Work) -> dict:
 
 
 def measured_units(work: Work) -> list:
-    """quantize.sensitivity.measure on the fixture with the imatrix, as the CLI calls it (routing from the imatrix)."""
+    """quantize.sensitivity.measure on the fixture with the imatrix, as `quantize --imatrix FILE` calls it."""
+    from localmix.commands.quantize import imatrix_routing
     from quantize import sensitivity
+    from quantize.convert import planned
 
-    tensors = work.planned("Q8_0")
     im = work.importance()
-    routing = im.routing() if im.routing_shape() is not None else None
     t0 = time.perf_counter()
-    units = sensitivity.measure(tensors, im, routing=routing)
+    with planned(work.src, "Q8_0", has_imatrix=True) as (_, hp, tensors):  # measure reads the weights: files open
+        units = sensitivity.measure(tensors, im, routing=imatrix_routing(im, hp))
     say(f"sensitivity.measure: {len(units)} units in {time.perf_counter() - t0:.1f} s")
     return units
 

@@ -2,7 +2,7 @@
 
     nice .venv/bin/python benchmarks/mixed_precision.py [--parts bpw,for,pareto,paper] [--chunks 10] [--runs 5]
         [--ram 16G] [--tps-factor 1.3] [--work /tmp/localmix-mixed] [--quality-work /tmp/localmix-quality]
-        [--plot benchmarks/mixed_precision.png] [--json-out FILE]
+        [--plot benchmarks/mixed_precision.png] [--role-weights FIT.json] [--json-out FILE]
 
 On the upcycled SmolLM2 fixture (tests/support/checkpoints.py) with the imatrix `--imatrix auto` computes on it
 (both shared with benchmarks/quality.py under --quality-work: built there if missing), every file is scored by
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import build, evaluate, localmix  # noqa: E402  (the fixture, eval and timed CLI steps)
+from benchmarks.quality import STEP, build, evaluate  # noqa: E402  (the fixture, eval and timed CLI steps)
 from benchmarks.quality import quantize as cli_quantize  # noqa: E402
 
 UNIFORM = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
@@ -143,6 +144,26 @@ class Work:
             out.unlink(missing_ok=True)
 
 
+# --role-weights: quantize.sensitivity.ROLE_WEIGHTS replaced in the quantize process (a fit measured before it
+# is pasted into sensitivity.py); the step is otherwise benchmarks/quality.py's.
+WEIGHTED_STEP = """
+import json, os
+if os.environ.get("BENCH_ROLE_WEIGHTS"):
+    from quantize import sensitivity
+    sensitivity.ROLE_WEIGHTS.update(json.loads(os.environ["BENCH_ROLE_WEIGHTS"]))
+""" + STEP
+ROLE_WEIGHTS_OVERRIDE: dict = {}
+
+
+def localmix(*args: str) -> dict:
+    """One localmix command in a fresh interpreter: rc, seconds, peak_rss, stdout, stderr."""
+    env = dict(os.environ, BENCH_ROLE_WEIGHTS=json.dumps(ROLE_WEIGHTS_OVERRIDE)) if ROLE_WEIGHTS_OVERRIDE else None
+    r = subprocess.run([sys.executable, "-c", WEIGHTED_STEP, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    stats = json.loads(r.stderr.strip().splitlines()[-1])
+    stats["stdout"], stats["stderr"] = r.stdout, r.stderr
+    return stats
+
+
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -209,8 +230,9 @@ def part_bpw(work: Work) -> dict:
     for t in BPW_SIZES:
         say(f"bpw at the size of {t}")
         u = work.made(f"uniform-{t}", t)
-        params = u["params"] or n_params(work)
-        bpw = u["bytes"] * 8 / params
+        tensors = work.planned(t)
+        # --bpw counts tensor bytes (the header is the same in both files): the uniform file's, per weight
+        bpw = sum(x.nbytes for x in tensors) * 8 / sum(x.n_elements for x in tensors)
         path, r = cli_made(work, f"bpw-{bpw:.2f}", "--bpw", f"{bpw:.4f}")
         row = {"uniform": u, "bpw_target": bpw}
         if path is None:
@@ -222,10 +244,6 @@ def part_bpw(work: Work) -> dict:
             path.unlink(missing_ok=True)
         rows[t] = row
     return rows
-
-
-def n_params(work: Work) -> int:
-    return sum(t.n_elements for t in work.planned("Q8_0"))
 
 
 def table_bpw(rows: dict) -> str:
@@ -475,8 +493,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/localmix-mixed"))
     ap.add_argument("--quality-work", type=Path, default=Path("/tmp/localmix-quality"))
     ap.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "mixed_precision.png")
+    ap.add_argument("--role-weights", type=Path, help="JSON of ROLE_WEIGHTS to quantize with instead of sensitivity.py's "
+                    "(a dict, or fit_role_weights.py's --json-out)")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
+    if args.role_weights:
+        w = json.loads(args.role_weights.read_text())
+        ROLE_WEIGHTS_OVERRIDE.update(w.get("weights", w))
+        say(f"ROLE_WEIGHTS from {args.role_weights}: {ROLE_WEIGHTS_OVERRIDE}")
     parts = {p for p in args.parts.split(",") if p}
     everything: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "chunks": args.chunks, "ctx": args.ctx}
     tables = []

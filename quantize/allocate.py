@@ -80,16 +80,22 @@ class Frontier:
     def n_steps(self) -> int:
         return len(self.steps)
 
+    def _check(self, k: int) -> int:  # -1 (what within/reaching say for "none") must not index from the end
+        if not 0 <= k <= self.n_steps:
+            raise IndexError(f"step {k} is not in 0..{self.n_steps}")
+        return k
+
     def cost(self, k: int) -> float:
         """Total cost after k steps (non-decreasing in k)."""
-        return self._costs[k]
+        return self._costs[self._check(k)]
 
     def error(self, k: int) -> float:
         """Total error after k steps (non-increasing in k)."""
-        return self._errors[k]
+        return self._errors[self._check(k)]
 
     def types(self, k: int) -> dict[str, T]:
         chosen = list(self.start)
+        self._check(k)
         for s in self.steps[:k]:
             chosen[s.unit] = s.option
         return {u.name: o.type for u, o in zip(self.units, chosen, strict=True)}

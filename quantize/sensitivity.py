@@ -246,7 +246,8 @@ def measure(tensors: list[OutTensor], importance: Importance | None = None, *, r
             for ty in types:  # the i-quants' grids (seconds for IQ2_S): once, here, not in threads spinning on its lock
                 init_kernel(int(ty))
             xs, p = _samples(t, elements), _expert_shares(t, routing)
-            jobs.append((t, types, [pool.submit(_nsr, xs, ty, w, p) for ty in types] if xs else []))
+            live = any(x.any() for x in xs)  # all zero (a sparse checkpoint): the prior, without quantizing zeros
+            jobs.append((t, types, [pool.submit(_nsr, xs, ty, w, p) for ty in types] if live else []))
         out = []
         for i, (t, types, futures) in enumerate(jobs):
             nsr = [f.result() for f in futures]

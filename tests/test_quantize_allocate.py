@@ -101,6 +101,10 @@ def test_within_and_reaching():
     assert (f.within(14), f.within(15), f.within(34.9), f.within(35), f.within(1e9)) == (-1, 0, 1, 2, 3)
     assert (f.reaching(100), f.reaching(7.0), f.reaching(2.0), f.reaching(0.5), f.reaching(0.4)) == (0, 0, 2, 3, -1)
     assert Frontier([], lambda u, o: o.nbytes).within(0) == 0
+    for bad in (-1, 4):  # what within/reaching answer for "none" is no step
+        for method in (f.cost, f.error, f.types):
+            with pytest.raises(IndexError):
+                method(bad)
 
 
 def test_ties_go_by_unit_order():

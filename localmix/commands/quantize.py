@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             importance = _calibrator(folder, text, args.calibration_text, args.calibration_tokens, progress)
         try:
             if mixed:
-                choice = choose(args, folder, importance, progress)
+                choice = choose(args, folder, source.get("repo") or folder.resolve().name, importance, progress)
             if not args.dry_run:
                 s = convert(
                     folder, out, choice.file_type if choice else args.type, force=args.force, threads=args.threads,
@@ -328,8 +328,9 @@ class Choice:
     measuring_seconds: float = 0.0
 
 
-def choose(args: argparse.Namespace, folder: Path, importance, progress) -> Choice:
-    """Measure every tensor's error at every candidate type and choose a type per tensor for the target."""
+def choose(args: argparse.Namespace, folder: Path, name: str, importance, progress) -> Choice:
+    """Measure every tensor's error at every candidate type and choose a type per tensor for the target
+    (`name`: the model's, for the report)."""
     from dataclasses import replace
 
     from quantize.calibrate import Calibrator
@@ -369,7 +370,6 @@ def choose(args: argparse.Namespace, folder: Path, importance, progress) -> Choi
     uniform = {t.name: t.type for t in tensors}
     reference = {u.name: uniform[u.name] for u in units}
     reference_error = _total_error(units, reference, args.type)
-    name = folder.resolve().name
     target = (_by_bpw(args, units, tensors, n_params) if args.bpw is not None
               else _by_machine(args, hp, tensors, units, reference, ctx, name))
     mixed = [replace(t, type=target.types.get(t.name, t.type)) for t in tensors]

@@ -58,7 +58,8 @@ def target_line(target: dict) -> str:
 
         bw = "?" if target.get("ram_bandwidth") is None else f"{target['ram_bandwidth'] / 1e9:.1f}"
         asked = f", asked {number('tps', 'g')} tok/s" if target.get("tps") else ""
-        made = (f"GPU {size('vram')}, RAM {size('ram')}, RAM read {bw} GB/s, context {number('ctx', 'd')}{asked} "
+        gpu = "no GPU" if target.get("vram") == 0 else f"GPU {size('vram')}"
+        made = (f"{gpu}, RAM {size('ram')}, RAM read {bw} GB/s, context {number('ctx', 'd')}{asked} "
                 f"(quantize --for): predicted {number('predicted_decode_tps', '.1f')} tok/s decode")
     return f"{made}; estimated error {number('predicted_error', '.4g')} (uniform reference {number('reference_error', '.4g')})"
 

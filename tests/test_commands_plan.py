@@ -88,3 +88,22 @@ def test_plan_that_does_not_fit_says_so(smol):
     assert one_line_error(run_cli("plan", str(smol), "--ctx", "100000"), "longer than the model's trained context")
     r = run_cli("plan", str(smol), "--vram", "lots")
     assert r.returncode == 2 and "not a size: 'lots'" in r.stderr
+
+
+def test_plan_for_another_machines_memory_bandwidth(smol):
+    """--ram-bandwidth: the other machine's RAM read bandwidth (as our probe measures it); decode reads 0.9 of
+    it, not capped by this machine's two cores."""
+    def planned(*flags):
+        r = run_cli("plan", str(smol), "--vram", "0", "--ram", "8G", "--json", *flags)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    here, fast, slow = planned(), planned("--ram-bandwidth", "80GB/s"), planned("--ram-bandwidth", "20e9")
+    assert here["budget"]["ram_bandwidth"] is None and here["budget"]["cpu_decode_bandwidth"] == here["machine"]["cpu_decode_bandwidth"]
+    assert fast["budget"]["ram_bandwidth"] == 80e9 and fast["budget"]["cpu_decode_bandwidth"] == pytest.approx(72e9)
+    assert slow["budget"]["cpu_decode_bandwidth"] == pytest.approx(18e9)
+    assert fast["predicted"]["decode_tps"] > here["predicted"]["decode_tps"] > slow["predicted"]["decode_tps"]
+    assert fast["tensors"] == slow["tensors"]  # the placement is the same, only the speed changes
+    table = run_cli("plan", str(smol), "--vram", "0", "--ram", "8G", "--ram-bandwidth", "80 GB/s")
+    assert table.returncode == 0 and "Budget: VRAM 0.0 GiB, RAM 8.0 GiB at 80 GB/s" in " ".join(table.stdout.split())
+    assert one_line_error(run_cli("plan", str(smol), "--ram-bandwidth", "80"), "not a memory bandwidth: '80'", code=2)

@@ -2,6 +2,7 @@
 
 import itertools
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -145,3 +146,27 @@ def test_no_tensor_is_named_twice_in_the_overrides():
     pats = [re.compile(a) for a in override_patterns(p)]
     for t in m.tensors:
         assert sum(bool(r.search(t.name)) for r in pats) == (t.name in p.cpu_experts)
+
+
+def test_tied_embeddings_read_token_embd_as_the_output_matrix():
+    """Without output.weight (tied embeddings, as SmolLM2) llama.cpp computes the logits with token_embd: all
+    of it is read for every token, from RAM, or from the copy llama.cpp makes on the GPU when the output
+    layer is offloaded (that copy takes VRAM; the input embedding itself stays in RAM)."""
+    untied = MODELS["8x7B"]
+    tied = replace(untied, tensors=tuple(t for t in untied.tensors if t.name != "output.weight"))
+    embd = next(t for t in tied.tensors if t.name == "token_embd.weight")
+    output = next(t for t in untied.tensors if t.name == "output.weight")
+    assert tied.tied_embeddings and not untied.tied_embeddings
+    assert tied.read_fraction(embd) == 1.0 and untied.read_fraction(embd) == 0.0
+    cpu = budget(0)
+    seconds = lambda m: 1 / plan(m, cpu, CTX).decode_tps
+    assert seconds(tied) == pytest.approx(seconds(untied) - output.nbytes / cpu.cpu_bandwidth + embd.nbytes / cpu.cpu_bandwidth)
+    for vram in BUDGETS_GIB:
+        p = plan(tied, budget(vram), CTX)
+        assert embd.name not in p.gpu and p.vram_total <= vram * GiB
+        copy = embd.nbytes if p.n_gpu_layers == tied.n_layer else 0
+        assert p.vram.get("weights", 0) + p.ram["weights"] == tied.weight_bytes + copy
+    all_in = Budget(vram=80 * GiB, ram=128 * GiB, gpu_bandwidth=3.35e12, cpu_bandwidth=59e9)
+    p = plan(tied, all_in, CTX)
+    assert p.n_gpu_layers == tied.n_layer and not p.cpu_experts
+    assert 1 / p.decode_tps == pytest.approx(1 / plan(untied, all_in, CTX).decode_tps + (embd.nbytes - output.nbytes) / 3.35e12)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from localmix.units import GiB, fmt_bytes, fmt_duration, parse_size
+from localmix.units import GiB, fmt_bytes, fmt_duration, parse_bandwidth, parse_size
 
 
 def test_parse_size():
@@ -12,6 +12,17 @@ def test_parse_size():
     for bad in ("lots", "", "12 parsecs", "-1G", "1e3G"):
         with pytest.raises(ValueError, match="not a size"):
             parse_size(bad)
+
+
+def test_parse_bandwidth():
+    """Decimal units, as memory is sold and our probe reports it; binary ones when spelled so."""
+    assert parse_bandwidth("80GB/s") == parse_bandwidth("80 GB/s") == parse_bandwidth("80e9") == parse_bandwidth("80G") == 80e9
+    assert parse_bandwidth(" 51.2 gb / s ") == 51.2e9 and parse_bandwidth("1.2TB/s") == 1.2e12
+    assert parse_bandwidth("64GiB/s") == 64 * GiB and parse_bandwidth("900000M") == 9e11
+    # A bare 80 would be 80 bytes/s: a unit left off, not a memory; so are rates beyond any memory.
+    for bad in ("80", "lots", "", "GB/s", "80GB/", "-5G", "nan", "inf", "1e400", "80 parsecs", "80e9GB/s", "0"):
+        with pytest.raises(ValueError, match="not a memory bandwidth"):
+            parse_bandwidth(bad)
 
 
 def test_formatting():

@@ -4,10 +4,11 @@ Minimising the summed error under a total cost is separable: at a Lagrange multi
 option minimising error + lam * cost, which is always a vertex of the lower convex hull of its options in
 (cost, error). Walking lam from infinity down to zero, units step from hull vertex to hull vertex in the
 order of their steps' error saved per cost. So the frontier is one fixed sequence of steps: every unit starts
-at its cheapest option, and the first k steps of the merged sequence are the optimal assignment for the cost
-they reach (optimal among assignments of at most that cost on the hull, exactly so at the vertices of the
-whole frontier). A larger budget takes a longer prefix, and every step lowers the error: the choice is
-monotonic by construction.
+at its cheapest option, and the first k steps of the merged sequence minimise error + lam * cost for the lam
+of step k, hence have the least error of all assignments (any options, not only the hull's) that cost at most
+as much (tests check this against brute force). A larger budget takes a longer prefix, and every step lowers
+the error: the choice is monotonic by construction. A budget between two prefixes leaves slack below the next
+step; `Frontier.filled` spends it on later steps that fit, which keeps the monotonicity (see there).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Check: the fitted model's prediction for uniform Q3_K_M, Q4_K_M and Q5_K_M (same
 measured mean KLD (the base file's measured KLD is the floor both include).
 
 Prints the dict to paste into quantize/sensitivity.py and the tables. About 16 files: 8-12 minutes on
-2 idle cores with --chunks 10 (the eval results are cached in WORK/results.json, so a rerun only refits).
+2 idle cores with --chunks 10 (the eval results are kept in WORK/scores/, so a rerun only refits).
 """
 
 from __future__ import annotations

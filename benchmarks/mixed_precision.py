@@ -14,17 +14,18 @@ On the upcycled SmolLM2 fixture (tests/support/checkpoints.py) with the imatrix 
           Q4_K_M (`localmix bench FILE --vram 0 --json`, --runs runs alternating between files, medians): measured
           decode against the file's own prediction (localmix.target.predicted_decode_tps), and its mean KLD against
           the uniform type whose measured speed is closest. When N is out of reach of any file (the CLI says so in
-          one line) the row says so, and the --for files of the Pareto part stand in.
+          one line, naming the fastest file's predicted speed) the row says so, and the --for files of the
+          Pareto part, at fractions of that fastest speed, stand in.
   pareto  measured tok/s against mean KLD for the uniform types Q2_K..Q8_0 and --for files at a few --tps targets
-          (fractions of the fastest file's predicted speed), plotted to --plot (matplotlib: benchmark-only).
+          (--fractions of the fastest file's predicted speed), plotted to --plot (matplotlib: benchmark-only).
   paper   the planner's model on sparse checkpoints with real Mixtral shapes (tests/support/sparse.py: weights are
           holes, so every error estimate is the Gaussian prior): 8x22B for a 24 GiB GPU and 96 GiB of RAM at 80 GB/s,
           8x7B for 12 GiB and 64 GiB: predicted decode of uniform Q4_K_M against the plan-aware file at Q4_K_M's
           error estimate (`--for` without --tps), from the library (quantize.sensitivity.estimate + localmix.tailor)
           and from `localmix quantize --for ... --dry-run`.
 
-Files are made one at a time and removed once measured; eval results are kept in WORK/results.json keyed by the
-file's tensor types, so a rerun re-measures speed but not quality. Prints markdown tables on stdout.
+Files are made one at a time and removed once measured; eval results are kept in WORK/scores/, one file per
+set of tensor types, so a rerun re-measures speed but not quality. Prints markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -84,9 +86,21 @@ class Work:
             say("computing the imatrix with --imatrix auto (about a minute or two)")
             check(cli_quantize(self.src, q / "auto-Q4_K_M.gguf", "Q4_K_M", "--imatrix", "auto", "--calibration-text",
                                str(cal), "--calibration-tokens", str(self.cal_tokens)), "--imatrix auto")
-        self.cache = self.root / "results.json"
-        self.results = json.loads(self.cache.read_text()) if self.cache.exists() else {}
+        self.scores = self.root / "scores"  # one file per scored file: runs beside each other share them safely
+        self.scores.mkdir(exist_ok=True)
+        self.refresh()
         return self
+
+    def refresh(self) -> None:
+        legacy = self.root / "results.json"  # the single file of the first version
+        for k, v in (json.loads(legacy.read_text()) if legacy.exists() else {}).items():
+            self.results.setdefault(k, v)
+        for p in sorted(self.scores.glob("*.json")):
+            self.results.setdefault(p.stem, json.loads(p.read_text()))
+
+    def known(self, k: str) -> bool:
+        self.refresh()
+        return k in self.results
 
     def importance(self):
         from quantize.imatrix import read_imatrix
@@ -115,14 +129,16 @@ class Work:
         """Size and eval of a made file, cached by its tensor types; the file is removed afterwards."""
         types = file_types(path)
         k = self.key(types)
-        if k not in self.results:
+        if not self.known(k):
             t0 = time.perf_counter()
             e = evaluate(path, self.ref, self.text, self.chunks, self.ctx)
             self.results[k] = {"label": label, "bytes": path.stat().st_size, "kld": e["kld"]["mean"],
                                "kld_err": e["kld"].get("uncertainty", e["kld"].get("error")), "p99": e["kld"]["p99"],
                                "same_top1": e["same_top1"], "params": e.get("model", {}).get("parameters"),
                                "eval_seconds": time.perf_counter() - t0}
-            self.cache.write_text(json.dumps(self.results, indent=1))
+            tmp = self.scores / f".{k}.{os.getpid()}"
+            tmp.write_text(json.dumps(self.results[k], indent=1))
+            tmp.rename(self.scores / f"{k}.json")
             say(f"  {label}: {self.results[k]['bytes'] / 2**20:.0f} MiB, mean KLD {self.results[k]['kld']:.4f}")
         return self.results[k]
 
@@ -132,7 +148,7 @@ class Work:
 
         planned = {t.name: t.type.name for t in self.planned(out_type, types)}
         k = self.key(planned)
-        if k in self.results:
+        if self.known(k):
             return self.results[k]
         out = self.root / f"{label}.gguf"
         t0 = time.perf_counter()
@@ -295,11 +311,15 @@ def part_for(work: Work, ram: str, runs: int, factor: float, fractions: list[flo
     made: dict[str, dict] = {}
     path, r = cli_made(work, f"for-0-{ram}-tps{target:.0f}", "--for", f"0,{ram}", "--tps", f"{target:.2f}")
     made[f"{factor:g}x Q4_K_M measured ({target:.1f} tok/s)"] = {"path": path, "tps": target, **r}
-    # The fastest file: --for without --tps is "the fastest file at Q4_K_M's error"; the plan's speed bounds
-    # what --tps can ask for, so the Pareto targets are fractions of the fastest prediction seen.
+    # --for without --tps: the fastest file at Q4_K_M's error estimate.
     fastest, r0 = cli_made(work, f"for-0-{ram}", "--for", f"0,{ram}")
     made["no --tps (fastest at Q4_K_M's error)"] = {"path": fastest, "tps": None, **r0}
-    top = max([file_meta(p["path"]).get("predicted_decode_tps", 0.0) for p in made.values() if p["path"]] + [0.0])
+    # The Pareto targets are fractions of the fastest file the planner predicts on this budget (the refusal of
+    # an unreachable --tps names it), else of the fastest prediction among the files made.
+    reach = re.search(r"predicted at ([0-9.]+) tok/s", made[next(iter(made))].get("error", ""))
+    top = float(reach.group(1)) if reach else max(
+        [float(file_meta(p["path"]).get("predicted_decode_tps", 0.0)) for p in made.values() if p["path"]] + [0.0])
+    out_top = top
     if top:
         for f in fractions:
             n = f * top
@@ -310,7 +330,7 @@ def part_for(work: Work, ram: str, runs: int, factor: float, fractions: list[flo
     names = list(uni) + list(files)
     paths = list(uni.values()) + [v["path"] for v in files.values()]
     speeds = dict(zip(names, bench(paths, runs)))
-    out = {"q4_first": q4, "target": target, "uniform": {}, "for": {}}
+    out = {"q4_first": q4, "target": target, "fastest_predicted": out_top, "uniform": {}, "for": {}}
     for t, p in uni.items():
         out["uniform"][t] = {**speeds[t], **work.scored(f"uniform-{t}", p)}
     for label, v in made.items():
@@ -489,7 +509,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="bench rounds (alternating between files)")
     ap.add_argument("--ram", default="16G")
     ap.add_argument("--tps-factor", type=float, default=1.3)
-    ap.add_argument("--fractions", default="0.8,0.9,0.95", help="--tps targets for the Pareto plot, of the fastest prediction")
+    ap.add_argument("--fractions", default="0.9,0.95,0.99", help="--tps targets for the Pareto plot, of the fastest prediction")
     ap.add_argument("--work", type=Path, default=Path("/tmp/localmix-mixed"))
     ap.add_argument("--quality-work", type=Path, default=Path("/tmp/localmix-quality"))
     ap.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "mixed_precision.png")

@@ -113,6 +113,14 @@ class SafetensorsFile:
         dt = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[ref.dtype]
         return np.frombuffer(self._mapped(), dtype=dt, count=ref.n_elements, offset=ref.begin).reshape(ref.shape)
 
+    def sampled(self, on: bool) -> None:
+        """Reading scattered rows (quantize.sensitivity's samples): without this the kernel reads ahead up to
+        read_ahead_kb (8 MiB on some disks) around every row touched, hundreds of GB for a Mixtral's samples."""
+        try:
+            self._mapped().madvise(mmap.MADV_RANDOM if on else mmap.MADV_NORMAL)
+        except (AttributeError, OSError, ValueError):  # no madvise here: reads ahead as before
+            pass
+
     def release(self, begin: int, end: int) -> None:
         """Drop the pages of bytes [begin, end) from our resident set, so that memory stays flat while
         a shard is read through (the page cache may keep them; they just stop counting as ours). A page

@@ -181,7 +181,11 @@ def _samples(t: OutTensor, elements: int) -> list[np.ndarray]:
     for ref in t.parts:
         raw = ref.file.raw(ref)
         rows = raw.reshape(-1, raw.shape[-1])
-        x = to_f32(ref, rows[_sample_rows(rows.shape[0], per_part)])
+        ref.file.sampled(True)
+        try:
+            x = to_f32(ref, rows[_sample_rows(rows.shape[0], per_part)])
+        finally:
+            ref.file.sampled(False)
         if not np.isfinite(x).all():  # the pass refuses these too; an error estimate of NaN would choose garbage
             raise QuantizeError(f"tensor {shown(ref.name)} holds NaN or infinite values: the checkpoint is damaged")
         out.append(np.ascontiguousarray(x))

@@ -520,6 +520,9 @@ def main() -> None:
     if args.role_weights:
         w = json.loads(args.role_weights.read_text())
         ROLE_WEIGHTS_OVERRIDE.update(w.get("weights", w))
+        from quantize import sensitivity
+
+        sensitivity.ROLE_WEIGHTS.update(ROLE_WEIGHTS_OVERRIDE)  # for the library calls of the paper part
         say(f"ROLE_WEIGHTS from {args.role_weights}: {ROLE_WEIGHTS_OVERRIDE}")
     parts = {p for p in args.parts.split(",") if p}
     everything: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "chunks": args.chunks, "ctx": args.ctx}

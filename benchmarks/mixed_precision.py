@@ -397,7 +397,7 @@ def plot(res: dict, path: Path) -> None:
 # ---- (d) on paper: Mixtral shapes ------------------------------------------------------------------------------
 
 
-PAPER = [("8x22B", "24G", "96G"), ("8x7B", "12G", "64G")]
+PAPER = [("8x22B", "24G", "96G", 5.0), ("8x7B", "12G", "64G", None)]  # the issue's target for 8x22B: 5 tok/s
 
 
 def part_paper(root: Path, bandwidth: str = "80GB/s", ctx: int = 4096) -> dict:
@@ -405,13 +405,13 @@ def part_paper(root: Path, bandwidth: str = "80GB/s", ctx: int = 4096) -> dict:
     from tests.support.sparse import make_sparse_mixtral
 
     out = {}
-    for shape, vram, ram in PAPER:
+    for shape, vram, ram, tps in PAPER:
         folder = root / f"sparse-{shape}"
         if not (folder / "config.json").exists():
             make_sparse_mixtral(folder, shape)
         row: dict = {"vram": vram, "ram": ram, "bandwidth": bandwidth, "ctx": ctx}
         try:
-            row["library"] = paper_library(folder, parse_size(vram), parse_size(ram), parse_bandwidth(bandwidth), ctx)
+            row["library"] = paper_library(folder, parse_size(vram), parse_size(ram), parse_bandwidth(bandwidth), ctx, tps)
         except (ImportError, AttributeError, TypeError, ValueError, KeyError) as e:  # still moving: the dry run is the other route
             row["library_error"] = f"{type(e).__name__}: {e}"
         t0 = time.perf_counter()
@@ -424,9 +424,11 @@ def part_paper(root: Path, bandwidth: str = "80GB/s", ctx: int = 4096) -> dict:
     return out
 
 
-def paper_library(folder: Path, vram: int, ram: int, bandwidth: float, ctx: int) -> dict:
-    """Uniform Q4_K_M's plan against tailor's file at Q4_K_M's error estimate, on the budget `--for` gives."""
+def paper_library(folder: Path, vram: int, ram: int, bandwidth: float, ctx: int, tps: float | None) -> dict:
+    """Uniform Q4_K_M's plan against tailor's file at Q4_K_M's error estimate, on the budget `--for` gives;
+    with `tps`, also the file that reaches it (or tailor's refusal)."""
     from localmix import tailor as tl
+    from localmix.errors import LocalmixError
     from localmix.loader import machine_and_budget
     from localmix.planner import plan
     from quantize import sensitivity
@@ -449,7 +451,16 @@ def paper_library(folder: Path, vram: int, ram: int, bandwidth: float, ctx: int)
     t0 = time.perf_counter()
     got = tl.tailor(base, units, reference, budget, ctx)
     seconds = time.perf_counter() - t0
+    at_tps = None
+    if tps is not None:
+        try:
+            f = tl.tailor(base, units, reference, budget, ctx, tps=tps)
+            at_tps = {"tps": tps, "bytes": f.info.weight_bytes, "decode": f.plan.decode_tps, "error": f.error,
+                      "reference_error": f.reference_error}
+        except LocalmixError as e:
+            at_tps = {"tps": tps, "refused": str(e)}
     return {
+        "at_tps": at_tps,
         "gpu_bandwidth": budget.gpu_bandwidth, "cpu_bandwidth": budget.cpu_bandwidth,
         "uniform": {"bytes": base.weight_bytes, "decode": uniform.decode_tps, "gpu_layers": uniform.n_gpu_layers,
                     "vram": uniform.vram_total, "error": sensitivity.total_error(units, reference)},
@@ -486,6 +497,13 @@ def table_paper(res: dict) -> str:
         out.append(f"| Mixtral {shape} | {budget} | {u['bytes'] / GiB:.1f} GiB ({u['bytes'] * 8 / n:.2f} bpw), {u['gpu_layers']}, "
                    f"{u['decode']:.2f} tok/s | {t['bytes'] / GiB:.1f} GiB ({t['bytes'] * 8 / n:.2f} bpw), {t['gpu_layers']}, "
                    f"{t['decode']:.2f} tok/s | {t['decode'] / u['decode']:.2f}x | {t['error'] / t['reference_error']:.3f} |")
+    for shape, row in res.items():
+        a = (row.get("library") or {}).get("at_tps")
+        if a and "refused" in a:
+            out.append(f"\n{shape} at {a['tps']:g} tok/s: refused: {a['refused']}")
+        elif a:
+            out.append(f"\n{shape} at {a['tps']:g} tok/s (`--tps {a['tps']:g}`): {a['bytes'] / GiB:.1f} GiB, predicted "
+                       f"{a['decode']:.2f} tok/s, error estimate {a['error'] / a['reference_error']:.2f}x uniform Q4_K_M's.")
     for shape, row in res.items():
         lib = row.get("library")
         if lib:

@@ -52,13 +52,29 @@ IQ_TYPES = frozenset(t for t in LADDER if t.name.startswith("IQ"))
 NEEDS_WEIGHTS = NEEDS_IMATRIX & frozenset(LADDER)
 assert NEEDS_WEIGHTS <= IQ_TYPES
 
-# Role -> predicted mean KLD per unit of nsr. 1.0 each until benchmarks/fit_role_weights.py fits them
-# (the fitted table goes here, with how it was fitted).
-ROLE_WEIGHTS: dict[str, float] = dict.fromkeys(
-    ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
-     "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "token_embd", "output"),
-    1.0,
-)
+# Role -> predicted mean KLD per unit of nsr, fitted once by benchmarks/fit_role_weights.py (2026-11-28) on the
+# upcycled SmolLM2 MoE with its --imatrix auto imatrix: for each role, a file with every tensor Q8_0 but that
+# role's (Q4_0, or Q2_K/Q4_K for the 1536-wide ffn_down; two types for the roles holding most weights, their
+# mean taken), eval's mean KLD against BF16 minus the all-Q8_0 file's, over the role's summed nsr. Checked on
+# files it was not fitted to: it predicts uniform Q3_K_M/Q4_K_M/Q5_K_M's measured KLD within -2%/+6%/-11%.
+# Dense FFN roles take their expert kin's weight (an expert's nsr is already a per-token average). `output`
+# was fitted on the tied token_embd (SmolLM2's output matrix, hence its role there, see role_of); the
+# input embedding of an untied model could not be isolated on the fixtures and is set to about one FFN
+# matrix's weight, an assumption rather than a fit.
+ROLE_WEIGHTS: dict[str, float] = {
+    "attn_q": 0.04934,
+    "attn_k": 0.08034,
+    "attn_v": 0.1667,
+    "attn_output": 0.09276,
+    "ffn_gate": 0.1766,
+    "ffn_up": 0.1969,
+    "ffn_down": 0.2223,
+    "ffn_gate_exps": 0.1766,
+    "ffn_up_exps": 0.1969,
+    "ffn_down_exps": 0.2223,
+    "output": 8.073,
+    "token_embd": 0.2,  # not fitted (see above)
+}
 
 # Weights sampled per unit. The cost: the upcycled SmolLM2 (211 units) takes 1.7 CPU-seconds without an imatrix
 # and 13 with one (all i-quants on the 1536-wide rows), plus about 2.5 once for the i-quants' grid tables;
@@ -97,10 +113,12 @@ class Unit:
         raise KeyError(f"{t.name} is not a candidate for {self.name}")
 
 
-def role_of(name: str) -> str:
-    """'blk.3.ffn_down_exps.weight' -> 'ffn_down_exps'; 'token_embd.weight' -> 'token_embd'."""
+def role_of(name: str, tied: bool = False) -> str:
+    """'blk.3.ffn_down_exps.weight' -> 'ffn_down_exps'; 'token_embd.weight' -> 'token_embd', or 'output' in a
+    model without output.weight (`tied`), where llama.cpp uses it as the output matrix too."""
     parts = name.split(".")
-    return parts[2] if name.startswith("blk.") and len(parts) > 2 else parts[0]
+    role = parts[2] if name.startswith("blk.") and len(parts) > 2 else parts[0]
+    return "output" if tied and role == "token_embd" else role
 
 
 def layer_of(name: str) -> int:
@@ -124,12 +142,13 @@ def is_unit(t: OutTensor) -> bool:
     return allows_quantization(t.name, len(t.shape)) and not is_quantized(t.stored) and bool(candidates(t.ne0, True))
 
 
-def _unit(t: OutTensor, types: tuple[T, ...], nsr: dict[T, float], measured: bool) -> Unit:
+def _unit(t: OutTensor, types: tuple[T, ...], nsr: dict[T, float], measured: bool, tied: bool) -> Unit:
     n_rows = t.n_elements // t.ne0
-    weight = ROLE_WEIGHTS.get(role_of(t.name), 1.0)
+    role = role_of(t.name, tied)
+    weight = ROLE_WEIGHTS.get(role, 1.0)
     options = sorted((Option(ty, n_rows * row_bytes(ty, t.ne0), float(weight * nsr[ty])) for ty in types),
                      key=lambda o: (o.nbytes, LADDER.index(o.type)))
-    return Unit(t.name, role_of(t.name), layer_of(t.name), t.n_elements, tuple(options), measured)
+    return Unit(t.name, role, layer_of(t.name), t.n_elements, tuple(options), measured)
 
 
 # --- the prior: nsr of Gaussian rows ------------------------------------------------------------------------
@@ -143,17 +162,21 @@ def prior(t: T) -> float:
     return float(np.sum(num) / np.sum(den))
 
 
+def _tied(tensors: list[OutTensor]) -> bool:
+    return not any(t.name == "output.weight" for t in tensors)
+
+
 def estimate(tensors: list[OutTensor], *, has_importance: bool = False) -> list[Unit]:
     """The units from shapes alone: every option's error is the Gaussian prior (measured=False). For dry runs
     on tensor tables. `has_importance`: offer the i-quants as measure() does with an imatrix that has weights for
     every tensor but token_embd/output (as llama-imatrix and our calibration give)."""
-    out = []
+    out, tied = [], _tied(tensors)
     for t in tensors:
         if not is_unit(t):
             continue
         types = candidates(t.ne0, has_importance, has_importance and t.name not in _NO_IMPORTANCE_NAMES)
         if types:
-            out.append(_unit(t, types, {ty: prior(ty) for ty in types}, False))
+            out.append(_unit(t, types, {ty: prior(ty) for ty in types}, False, tied))
     return out
 
 
@@ -252,13 +275,13 @@ def measure(tensors: list[OutTensor], importance: Importance | None = None, *, r
             xs, p = _samples(t, elements), _expert_shares(t, routing)
             live = any(x.any() for x in xs)  # all zero (a sparse checkpoint): the prior, without quantizing zeros
             jobs.append((t, types, [pool.submit(_nsr, xs, ty, w, p) for ty in types] if live else []))
-        out = []
+        out, tied = [], _tied(tensors)
         for i, (t, types, futures) in enumerate(jobs):
             nsr = [f.result() for f in futures]
             if not nsr or any(v is None for v in nsr):
-                out.append(_unit(t, types, {ty: prior(ty) for ty in types}, False))
+                out.append(_unit(t, types, {ty: prior(ty) for ty in types}, False, tied))
             else:
-                out.append(_unit(t, types, dict(zip(types, nsr, strict=True)), True))
+                out.append(_unit(t, types, dict(zip(types, nsr, strict=True)), True, tied))
             if on_unit:
                 on_unit(i + 1, len(jobs))
         return out

@@ -138,6 +138,12 @@ def tailor(base: ModelInfo, units: list[Unit], reference: dict[str, T], budget: 
             got = (types, info, p, total_error(units, types))
             best = got if best is None or _better(got, best, tps is not None) else best
         info, placement = planned(types, loose)
+    # The reference itself is a candidate: the frontier is optimal only at its hull points, and the planner's
+    # per-layer costs are not in the prices, so on some budgets uniform is as fast at its own error.
+    info, p = planned(reference)
+    if p is not None and (tps is None or p.decode_tps >= tps):
+        got = (dict(reference), info, p, reference_error)
+        best = got if best is None or _better(got, best, tps is not None) else best
     if best is None:  # without tps: no round's file at the reference's quality fit
         raise LocalmixError(f"no file as good as {reference_name} fits this budget: {_no_fit(info, budget, ctx, kv_type)}")
     types, info, p, error = best

@@ -145,7 +145,8 @@ def test_without_a_target_the_fastest_file_as_good_as_q4_k_m(tables, shape, vram
     got = run(t, b)
     uniform = plan(t.base, b, CTX)
     assert got.error <= got.reference_error
-    assert got.plan.decode_tps > 1.04 * uniform.decode_tps  # deterministic: the model's numbers, not a measurement
+    # deterministic: the model's numbers, not a measurement (with the fitted role weights: +3% CPU-only, more with a GPU)
+    assert got.plan.decode_tps > 1.02 * uniform.decode_tps
     assert got.plan.vram_total <= b.vram and got.plan.ram_total <= b.ram
     assert run(t, b).types == got.types  # deterministic
 
@@ -221,4 +222,4 @@ def test_tied_embeddings_are_priced_as_the_output_matrix(upcycled):
     p = plan(t.base, roomy, 2048)
     assert embd not in p.gpu and byte_prices(t.base, p, roomy)[embd] == pytest.approx(1 / roomy.gpu_bandwidth)
     got = tailor(t.base, t.units, t.reference, b, 2048)
-    assert got.error <= got.reference_error and got.plan.decode_tps > plan(t.base, b, 2048).decode_tps
+    assert got.error <= got.reference_error and got.plan.decode_tps >= plan(t.base, b, 2048).decode_tps

@@ -310,7 +310,7 @@ def part_for(work: Work, ram: str, runs: int, factor: float, fractions: list[flo
     q4 = bench([uni["Q4_K_M"]], runs)[0]
     target = factor * q4["decode_measured"]
     made: dict[str, dict] = {}
-    path, r = cli_made(work, f"for-0-{ram}-tps{target:.0f}", "--for", f"0,{ram}", "--tps", f"{target:.2f}")
+    path, r = cli_made(work, f"for-0-{ram}-x{factor:g}", "--for", f"0,{ram}", "--tps", f"{target:.2f}")
     made[f"{factor:g}x Q4_K_M measured ({target:.1f} tok/s)"] = {"path": path, "tps": target, **r}
     # --for without --tps: the fastest file at Q4_K_M's error estimate.
     fastest, r0 = cli_made(work, f"for-0-{ram}", "--for", f"0,{ram}")
@@ -324,7 +324,7 @@ def part_for(work: Work, ram: str, runs: int, factor: float, fractions: list[flo
     if top:
         for f in fractions:
             n = f * top
-            p, rr = cli_made(work, f"for-0-{ram}-tps{n:.0f}", "--for", f"0,{ram}", "--tps", f"{n:.2f}")
+            p, rr = cli_made(work, f"for-0-{ram}-f{f:g}", "--for", f"0,{ram}", "--tps", f"{n:.2f}")
             made[f"{f:g}x fastest prediction ({n:.1f} tok/s)"] = {"path": p, "tps": n, **rr}
     files = {k: v for k, v in made.items() if v["path"] is not None}
     say(f"bench: {len(uni)} uniform and {len(files)} --for files, {runs} rounds alternating")

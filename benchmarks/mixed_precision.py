@@ -380,15 +380,18 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     uni = res["uniform"]
     xs, ys = [uni[t]["kld"] for t in uni], [uni[t]["decode_measured"] for t in uni]
-    ax.plot(xs, ys, "o-", color="tab:blue", label="uniform (imatrix)")
+    ax.errorbar(xs, ys, yerr=_spread(list(uni.values())), fmt="o-", color="tab:blue", capsize=2, label="uniform (imatrix)")
     for t, x, y in zip(uni, xs, ys):
         ax.annotate(t, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    mixed = [(r["kld"], r["decode_measured"], r["tps"]) for r in res["for"].values() if "kld" in r]
+    rows = [r for r in res["for"].values() if "kld" in r]
+    mixed = [(r["kld"], r["decode_measured"], r["tps"]) for r in rows]
     if mixed:
-        ax.plot([m[0] for m in mixed], [m[1] for m in mixed], "s", color="tab:red", label="--for 0,RAM (--tps N)")
+        ax.errorbar([m[0] for m in mixed], [m[1] for m in mixed], yerr=_spread(rows), fmt="s", color="tab:red", capsize=2,
+                    label="--for 0,RAM (--tps N)")
         for x, y, n in mixed:
             ax.annotate(f"--tps {n:.0f}" if n else "no --tps", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8,
                         color="tab:red")
+    ax.text(0.99, 0.01, "median of the runs; bars: their range", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("mean KLD against BF16 (log)")
     ax.set_ylabel("measured decode, tok/s (CPU only)")
@@ -398,6 +401,11 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     say(f"wrote {path}")
+
+
+def _spread(rows: list[dict]) -> list[list[float]]:
+    """Error bars from the median down to the slowest run and up to the fastest."""
+    return [[r["decode_measured"] - min(r["runs"]) for r in rows], [max(r["runs"]) - r["decode_measured"] for r in rows]]
 
 
 # ---- (d) on paper: Mixtral shapes ------------------------------------------------------------------------------
@@ -540,7 +548,11 @@ def main() -> None:
     ap.add_argument("--role-weights", type=Path, help="JSON of ROLE_WEIGHTS to quantize with instead of sensitivity.py's "
                     "(a dict, or fit_role_weights.py's --json-out)")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="only draw --plot again from an earlier --json-out")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text())["for"], args.plot)
+        return
     if args.role_weights:
         w = json.loads(args.role_weights.read_text())
         ROLE_WEIGHTS_OVERRIDE.update(w.get("weights", w))

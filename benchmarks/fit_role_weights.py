@@ -12,19 +12,20 @@ made with that imatrix by quantize.convert.convert(types=...):
   base       every unit Q8_0
   role r, t  every unit Q8_0 except role r's units (all layers) at type t: the lowest type llama.cpp accepts
              for the row length (Q2_K for 256-divisible rows, Q4_0 for the 576-wide rows a 256-block does not
-             divide) and, for the expert matrices and token_embd, one more (Q4_K, Q5_0)
+             divide) and, for the expert matrices and the embedding/output, one more (Q4_K, Q5_0)
 each scored by `localmix eval FILE --reference BF16 --chunks N`. A point is (dN, dK): dN = sum over role r's
 units of nsr(t) - nsr(Q8_0), dK = its mean KLD minus the base file's. The weight is the least-squares slope
-through the origin over the role's points, sum(dN dK) / sum(dN^2). Roles this fixture lacks take the weight
-of their nearest kin: a dense FFN matrix that of the same expert matrix (a token sees k experts' outputs,
-each as noisy as one dense matrix of the same nsr), `output` that of the tied `token_embd` (which is this
-model's output matrix as well as its input embedding).
+through the origin over the role's points, sum(dN dK) / sum(dN^2). The fixture ties its embeddings, so its
+token_embd is the output matrix too and sensitivity gives it the role `output`: that is the role fitted.
+Roles this fixture lacks take the weight of their nearest kin: a dense FFN matrix that of the same expert
+matrix (a token sees k experts' outputs, each as noisy as one dense matrix of the same nsr). The input
+embedding of an untied model (`token_embd`) cannot be isolated here and keeps sensitivity.py's value.
 
 Check: the fitted model's prediction for uniform Q3_K_M, Q4_K_M and Q5_K_M (same imatrix) against their
 measured mean KLD (the base file's measured KLD is the floor both include).
 
-Prints the dict to paste into quantize/sensitivity.py and the tables. About 16 files: 8-12 minutes on
-2 idle cores with --chunks 10 (the eval results are kept in WORK/scores/, so a rerun only refits).
+Prints the dict to paste into quantize/sensitivity.py and the tables. 16 files: 23 minutes on the shared
+2-core machine with --chunks 10 (the eval results are kept in WORK/scores/, so a rerun only refits: 15 s).
 """
 
 from __future__ import annotations
@@ -42,19 +43,22 @@ from benchmarks.mixed_precision import Work, say  # noqa: E402
 
 CHECK = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]
 POINTS = {256: ("Q2_K", "Q4_K"), 32: ("Q4_0", "Q5_0")}  # by the largest block that divides the rows
-TWO_POINTS = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "token_embd"}
-# Roles absent from the fixture, and the fitted role whose weight they take (see the docstring).
-KIN = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": "ffn_down_exps", "output": "token_embd"}
+TWO_POINTS = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "token_embd", "output"}
+# Roles absent from the fixture, and the fitted role whose weight they take (see the docstring). The input
+# embedding of an untied model (token_embd) has no kin here: it keeps sensitivity.py's value, an assumption.
+KIN = {"ffn_gate": "ffn_gate_exps", "ffn_up": "ffn_up_exps", "ffn_down": "ffn_down_exps"}
 
 
 def unit_tensors(work: Work) -> dict[str, list]:
     """The fixture's quantizable tensors (the units), by role."""
     from quantize.sensitivity import is_unit, role_of
 
+    tensors = work.planned("Q8_0")
+    tied = not any(t.name == "output.weight" for t in tensors)  # then token_embd is the output matrix: role "output"
     out: dict[str, list] = {}
-    for t in work.planned("Q8_0"):
+    for t in tensors:
         if is_unit(t):
-            out.setdefault(role_of(t.name), []).append(t)
+            out.setdefault(role_of(t.name, tied), []).append(t)
     return out
 
 
@@ -122,9 +126,13 @@ def fit(files: dict, units: list) -> tuple[dict, list]:
             rows.append({"role": role, "type": tname, "units": len(by_role[role]), "dN": dn, "dK": dk,
                          "kld": r["kld"], "point_weight": dk / dn if dn else float("nan")})
         weights[role] = max(sxy / sxx, 0.0) if sxx else 0.0
+    from quantize.sensitivity import ROLE_WEIGHTS
+
     for role, kin in KIN.items():
         if role not in weights and kin in weights:
             weights[role] = weights[kin]
+    for role, w in ROLE_WEIGHTS.items():
+        weights.setdefault(role, w)  # not fitted on this fixture (printed as such)
     return weights, rows
 
 
@@ -158,7 +166,9 @@ def tables(files: dict, weights: dict, rows: list, checks: list) -> str:
     for c in checks:
         out.append(f"| {c['type']} | {c['measured']:.4f} | {c['anchored']:.4f} | {c['anchored'] / c['measured'] - 1:+.0%} |")
     out += ["", "ROLE_WEIGHTS = {"]
-    out += [f"    {k!r}: {v:.4g}," for k, v in sorted(weights.items())]
+    fitted = {r["role"] for r in rows} | {k for k, v in KIN.items() if v in weights}
+    out += [f"    {k!r}: {v:.4g}," + ("" if k in fitted else "  # not fitted here: sensitivity.py's value")
+            for k, v in sorted(weights.items())]
     out += ["}"]
     return "\n".join(out)
 

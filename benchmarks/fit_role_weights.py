@@ -181,9 +181,12 @@ def main() -> None:
     ap.add_argument("--quality-work", type=Path, default=Path("/tmp/localmix-quality"))
     ap.add_argument("--files-only", action="store_true", help="make and score the files, do not fit (no sensitivity needed)")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--fixture", choices=["upcycled", "tiny"], default="upcycled",
+                    help="tiny: quality.py's random Mixtral (untied: it has an input embedding and an output matrix)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    work = Work(args.work, args.quality_work, args.chunks, args.ctx).prepare()
+    root = args.work if args.fixture == "upcycled" else args.work / args.fixture
+    work = Work(root, args.quality_work, args.chunks, args.ctx, fixture=args.fixture).prepare()
     files = measure_files(work)
     say(f"files made and scored in {time.perf_counter() - t0:.0f} s")
     if args.files_only:

@@ -64,14 +64,15 @@ class Work:
     chunks: int = 10
     ctx: int = 512
     cal_tokens: int = 20000
+    fixture: str = "upcycled"  # or "tiny": quality.py's random Mixtral (no weights on any quantization grid)
     results: dict = field(default_factory=dict)
 
     def prepare(self) -> Work:
         from quantize.texts import calibration_text, eval_text
 
         self.root.mkdir(parents=True, exist_ok=True)
-        self.src = build("upcycled", self.quality)
-        q = self.quality / "upcycled"
+        self.src = build(self.fixture, self.quality)
+        q = self.quality / self.fixture
         q.mkdir(parents=True, exist_ok=True)
         self.text, cal = q / "eval.txt", q / "calibration.txt"
         if not self.text.exists():
@@ -536,6 +537,8 @@ def table_paper(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="bpw,for,paper", help="bpw, for (with the Pareto plot), paper")
+    ap.add_argument("--fixture", choices=["upcycled", "tiny"], default="upcycled",
+                    help="tiny: quality.py's random Mixtral, whose weights sit on no quantization grid (its own --work folder)")
     ap.add_argument("--chunks", type=int, default=10)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--runs", type=int, default=5, help="bench rounds (alternating between files)")
@@ -565,7 +568,8 @@ def main() -> None:
     tables = []
     work = None
     if parts & {"bpw", "for"}:
-        work = Work(args.work, args.quality_work, args.chunks, args.ctx).prepare()
+        root = args.work if args.fixture == "upcycled" else args.work / args.fixture
+        work = Work(root, args.quality_work, args.chunks, args.ctx, fixture=args.fixture).prepare()
     if "bpw" in parts:
         everything["bpw"] = part_bpw(work)
         tables.append("### `--bpw` at the sizes of uniform types (same imatrix)\n\n" + table_bpw(everything["bpw"]))

@@ -4,11 +4,18 @@ import live in tests/support/."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from tests.support.checkpoints import make_tiny_mixtral, make_upcycled_smollm
+
+# A test run started in the background by a shell without job control (`nohup ... &`) inherits SIGINT
+# ignored, and so would every localmix it starts: the Ctrl-C tests would see a run that never stops. A
+# handler of our own is reset to the default in children at exec, where Python then raises KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import DoesNotFit, LocalmixError
 from .model_info import ModelInfo, Tensor
-from .units import GiB, MiB
+from .units import MiB, fmt_bytes
 
 # Bytes per element of the KV cache for each --kv-type (ggml block sizes: q8_0 34 bytes / 32, q4_0 18 / 32).
 KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -232,9 +232,9 @@ def _no_fit_message(m: ModelInfo, b: Budget, ctx: int, kv_type: str, p: Plan) ->
         hints.append(f"a smaller quantization (about {target_bpw:.1f} bits per weight instead of {bpw:.1f})")
     hint = "; try " + " or ".join(hints) if hints else "; it needs a machine with more memory"
     return (
-        f"{m.name} does not fit: it needs {(p.vram_total + p.ram_total) / GiB:.1f} GiB "
-        f"({p.ram_total / GiB:.1f} GiB in RAM after {p.vram_total / GiB:.1f} GiB on the GPU), "
-        f"but the budget is {b.vram / GiB:.1f} GiB VRAM + {b.ram / GiB:.1f} GiB RAM{hint}"
+        f"{m.name} does not fit: it needs {fmt_bytes(p.vram_total + p.ram_total)} "
+        f"({fmt_bytes(p.ram_total)} in RAM after {fmt_bytes(p.vram_total)} on the GPU), "
+        f"but the budget is {fmt_bytes(b.vram)} VRAM + {fmt_bytes(b.ram)} RAM{hint}"
     )
 
 

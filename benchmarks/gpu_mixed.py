@@ -30,14 +30,7 @@ def write_sparse_gguf(folder: Path, hp, tensors, out_type: str, out: Path, metad
     """A GGUF with the checkpoint's header and vocabulary and every tensor's data a hole."""
     from quantize.convert import ALIGNMENT, _header
 
-    w = _header(folder, hp, tensors, out_type, {})
-    for key, value in (metadata or {}).items():
-        if isinstance(value, str):
-            w.add_string(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        else:
-            w.add_uint64(key, int(value))
+    w = _header(folder, hp, tensors, out_type, {}, metadata=metadata)
     w.write_header_to_file(path=out)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

@@ -199,7 +199,8 @@ def override_types(tensors: list[OutTensor], types: dict[str, T], has_imatrix: b
 
 
 @contextmanager
-def planned(folder: Path, out_type: str, has_imatrix: bool = False) -> Iterator[tuple[Checkpoint, HParams, list[OutTensor]]]:
+def planned(folder: Path, out_type: str, has_imatrix: bool = False,
+            types: dict[str, T] | None = None) -> Iterator[tuple[Checkpoint, HParams, list[OutTensor]]]:
     """The checkpoint, its hyper-parameters and planned output tensors (checked as `convert` checks them), its
     files open while the block runs: what quantize.sensitivity reads the weights through."""
     if out_type not in OUT_TYPES:
@@ -208,7 +209,7 @@ def planned(folder: Path, out_type: str, has_imatrix: bool = False) -> Iterator[
     try:
         hp = read_hparams(ck.config)
         check_layout(ck.tensors, hp)
-        yield ck, hp, plan_tensors(ck, hp, out_type, has_imatrix)
+        yield ck, hp, plan_tensors(ck, hp, out_type, has_imatrix, types)
     finally:
         ck.close()
 
@@ -393,11 +394,7 @@ def convert(
         if on_stale:
             on_stale(removed)
 
-    ck = open_checkpoint(folder)
-    try:
-        hp = read_hparams(ck.config)
-        check_layout(ck.tensors, hp)
-        tensors = plan_tensors(ck, hp, out_type, has_imatrix=importance is not None, types=types)
+    with planned(folder, out_type, importance is not None, types) as (_, hp, tensors):
         check_importance(tensors, out_type, importance)
         w = _header(folder, hp, tensors, out_type, source or {}, importance, metadata)
         routing = importance.routing_shape() if importance is not None else None
@@ -425,8 +422,6 @@ def convert(
                     w.close()
         finally:
             encoder.close()
-    finally:
-        ck.close()
 
     return Summary(
         path=out,

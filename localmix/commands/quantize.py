@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import bounded, size, threads, tokens
+from .common import bandwidth, bounded, size, threads, tokens
 
 # quantize.recipe.OUT_TYPES (a test holds them equal; importing the recipe here would load gguf for every command)
 TYPES = ("Q4_K_M", "Q4_K_S", "Q4_0", "Q5_K_M", "Q6_K", "Q8_0", "BF16", "F16", "Q5_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S",
@@ -30,18 +30,10 @@ tokens_per_second = bounded(float, 0.001, 1e6, "tokens per second")
 
 def machine(text: str) -> tuple[int, int]:
     """argparse type for --for: 'VRAM,RAM' as two sizes, e.g. '12G,64G' or '0,32GiB'."""
-    import argparse
-
     parts = text.split(",")
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"not VRAM,RAM: {text!r} (examples: 12G,64G; 0,32GiB)")
     return size(parts[0]), size(parts[1])
-
-
-def _bandwidth(text: str) -> float:
-    from .common import bandwidth
-
-    return bandwidth(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mixed.add_argument("--tps", type=tokens_per_second, metavar="N", help="with --for: the decode speed (tokens/s) to reach")
     mixed.add_argument("--ctx", type=tokens, metavar="N", help="with --for: context length to plan for (default 4096)")
     mixed.add_argument("--kv-type", choices=("f16", "q8_0", "q4_0"), help="with --for: KV cache type (default f16)")
-    mixed.add_argument("--ram-bandwidth", type=_bandwidth, metavar="BW",
+    mixed.add_argument("--ram-bandwidth", type=bandwidth, metavar="BW",
                        help="with --for: that machine's RAM read bandwidth, e.g. 80GB/s (default: this machine's)")
     mixed.add_argument("--dry-run", action="store_true", help="with --bpw or --for: print the choice, write nothing")
 

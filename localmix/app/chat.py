@@ -221,7 +221,8 @@ class ChatApp(App):
                  toolset=None):
         """prepare(progress, path) -> (backend, {"split": "45%/55% CPU/GPU", "summary": one line on the
         plan}) runs in a thread: it builds or finds the model (path None: the default one) and loads it;
-        progress(fraction, what) reports along the way.
+        progress(fraction, what) reports along the way. A served model's placement also has "model", its
+        name (known once connected); its split says where it runs ("server HOST:PORT · ...").
         With `choices` ((label, path) pairs) the user picks the model first."""
         super().__init__()
         self.choices = choices
@@ -307,6 +308,8 @@ class ChatApp(App):
     def _loaded(self, backend, placement: dict, error: str | None) -> None:
         self.query_one("#loading").display = False
         self.backend, self.placement, self.load_error = backend, placement, error
+        if placement.get("model"):  # a server's model: its name is known once connected
+            self.model_label = placement["model"]
         if error:
             self.mount_log(Static(f"The model could not be loaded: {error}", classes="error", markup=False))
         elif placement.get("summary"):
@@ -683,7 +686,7 @@ class ChatApp(App):
             parts.append("loading...")
         s = self.last_stats
         if s is not None:
-            parts.append(f"ctx {s.ctx_used}/{s.ctx_total}")
+            parts.append(f"ctx {s.ctx_used}/{s.ctx_total}" if s.ctx_total else f"ctx {s.ctx_used}")  # 0: a server that does not say
             parts.append(f"{s.gen_tps:.1f} tok/s")
             parts.append(f"TTFT {s.ttft:.2f}s")
         if state:

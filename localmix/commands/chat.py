@@ -1,7 +1,11 @@
 """`localmix chat [MODEL] [--vram] [--ctx] [--system]`: the terminal chat app. With no MODEL it opens the
 only model in the store, lets you pick when there are several, and builds the demo model when there
 are none. This module puts the app together: the store of chats, and a `prepare` that reads, plans and
-loads the model (in the app's loading thread) and describes the plan in words."""
+loads the model (in the app's loading thread) and describes the plan in words.
+
+`localmix chat --server URL [--model NAME] [--api-key KEY]` chats with a model served elsewhere (a
+`localmix serve`, Ollama, llama-server) through the OpenAI API: `prepare` connects instead of loading,
+and the app, which only sees a backend and its placement, is the same."""
 
 from __future__ import annotations
 
@@ -18,6 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--tools", nargs="*", metavar="FILE",
                    help="let the model call tools: the built-in ones, installed ones, and those in FILE(s)")
+    p.add_argument("--server", metavar="URL",
+                   help="chat with a model served over the OpenAI API (localmix serve, Ollama, llama-server), "
+                        "e.g. http://127.0.0.1:8080; MODEL and the budget flags are then the server's business")
+    p.add_argument("--model", dest="server_model", metavar="NAME",
+                   help="with --server: the server's model to chat with (default: the first it lists)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="with --server: its API key (default: $LOCALMIX_API_KEY, then $OPENAI_API_KEY)")
 
 
 def store_models() -> list:
@@ -51,6 +62,37 @@ def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | 
     return prepare
 
 
+def make_server_prepare(url: str, model: str | None = None, api_key: str | None = None):
+    """The app's loader for --server: (progress, path) -> (OpenAIBackend, {"split", "summary", "model"}).
+    The status bar says where the model runs (the server, and its CPU/GPU split when it is a localmix one);
+    the load notice gives its plan summary."""
+
+    def prepare(progress, path=None):
+        from ..backends.openai import OpenAIBackend
+
+        backend = OpenAIBackend(url, model=model, api_key=api_key)
+        progress(0.0, f"Connecting to {backend.where}")
+        backend.load()
+        return backend, server_placement(backend)
+
+    return prepare
+
+
+def server_placement(backend) -> dict:
+    from ..text import shown
+
+    d = backend.details
+    split = " · ".join([f"server {backend.where}", *([shown(d["split"], 60)] if isinstance(d.get("split"), str) else [])])
+    summary = d["plan"] if isinstance(d.get("plan"), str) else f"{backend.model} at {backend.url}"
+    return {"split": split, "summary": shown(summary, 500), "model": backend.model}
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    import os
+
+    return args.api_key or os.environ.get("LOCALMIX_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+
+
 def need_terminal() -> None:
     """The app draws on a terminal and reads keys from it: without one it would wait forever."""
     import sys
@@ -63,6 +105,18 @@ def need_terminal() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import LocalmixError
+    from ..text import shown
+
+    if args.server is not None and args.model:
+        raise LocalmixError(f"chat: MODEL ({shown(args.model)}) and --server exclude each other: the server has its models; "
+                            "choose one with --model NAME")
+    if args.server is None and (args.server_model or args.api_key):
+        raise LocalmixError("chat: --model and --api-key go with --server URL (a local model is the MODEL argument)")
+    if args.server is not None:
+        from ..backends.openai import split_url
+
+        split_url(args.server)  # a malformed URL is an error line before the app starts
     need_terminal()
     from ..app.chat import ChatApp
     from ..demo import DEMO_FILE
@@ -71,16 +125,21 @@ def run(args: argparse.Namespace) -> int:
     from ..store import Store, default_path
     from .common import open_model
 
-    models = [open_model(args.model)] if args.model else store_models()
-    if args.measure:
-        from ..hardware import detect
+    if args.server is not None:
+        models, demo, choices = [], False, None
+        prepare = make_server_prepare(args.server, args.server_model, api_key(args))
+        label = args.server_model or "server model"  # the server's name for it once connected
+    else:
+        models = [open_model(args.model)] if args.model else store_models()
+        if args.measure:
+            from ..hardware import detect
 
-        detect(measure=True)
-    demo = not models
-    prepare = make_prepare(vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads,
-                           default_model=models[0] if models else None, ram_bandwidth=args.ram_bandwidth)
-    label = DEMO_FILE.removesuffix(".gguf") if demo else model_name(models[0])
-    choices = [(model_name(m), str(m)) for m in models] if len(models) > 1 else None
+            detect(measure=True)
+        demo = not models
+        prepare = make_prepare(vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads,
+                               default_model=models[0] if models else None, ram_bandwidth=args.ram_bandwidth)
+        label = DEMO_FILE.removesuffix(".gguf") if demo else model_name(models[0])
+        choices = [(model_name(m), str(m)) for m in models] if len(models) > 1 else None
     toolset = None
     if args.tools is not None:
         from ..tools import load_tools

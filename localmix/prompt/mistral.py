@@ -13,8 +13,10 @@ Messages are plain dicts: {"role": "system"|"user"|"assistant"|"tool", "content"
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +41,21 @@ def _json(value) -> str:
 def _maybe_json(text: str):
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+    except (json.JSONDecodeError, TypeError, RecursionError):  # nested too deeply to read: text it stays
         return text
+
+
+ID = re.compile(r"^[A-Za-z0-9]{9}$")
+ALNUM = string.ascii_letters + string.digits
+
+
+def wire_id(call_id: str) -> str:
+    """A call id as Mistral's models were trained on (9 letters and digits): other servers' ids
+    ("call_..." from OpenAI's) mapped to one deterministically, so that a call and its result still match."""
+    if ID.match(call_id):
+        return call_id
+    n = int.from_bytes(hashlib.sha256(call_id.encode("utf-8", "replace")).digest()[:8], "big")
+    return "".join(ALNUM[(n // 62**k) % 62] for k in range(9))
 
 
 def tool_spec(tool: dict) -> dict:
@@ -67,13 +82,13 @@ def segments(messages: list[dict], tools: list[dict] | None = None) -> list:
             for c in m["tool_calls"]:
                 call = {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], dict) else _maybe_json(c["arguments"])}
                 if c.get("id"):
-                    call["id"] = c["id"]
+                    call["id"] = wire_id(c["id"])
                 calls.append(call)
             out += [Control("[TOOL_CALLS]"), _json(calls), Control(EOS)]
         elif role == "assistant":
             out += [m["content"].rstrip(" "), Control(EOS)]
         elif role == "tool":
-            result = {"content": _maybe_json(m["content"]), "call_id": m["tool_call_id"]}
+            result = {"content": _maybe_json(m["content"]), "call_id": wire_id(m["tool_call_id"])}
             out += [Control("[TOOL_RESULTS]"), _json(result), Control("[/TOOL_RESULTS]")]
         else:
             raise ValueError(f"unknown role {role!r}")

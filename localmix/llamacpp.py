@@ -323,7 +323,7 @@ class Engine:
         return True
 
     def sample(self, tokens: list[int], *, temperature: float, top_p: float, seed: int | None,
-               grammar: str | None = None) -> Iterator[int]:
+               grammar: str | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> Iterator[int]:
         """Tokens sampled after `tokens` (the cached prefix is reused), one at a time, until the caller
         stops; `grammar` (GBNF) constrains them."""
         from llama_cpp import LlamaGrammar
@@ -332,7 +332,7 @@ class Engine:
             self.llm.set_seed(seed)
         compiled = LlamaGrammar.from_string(grammar, verbose=False) if grammar else None
         gen = self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=40, min_p=0.05, repeat_penalty=1.0,
-                                grammar=compiled)
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, grammar=compiled)
         try:
             yield from gen
         finally:

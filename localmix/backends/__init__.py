@@ -3,13 +3,14 @@
 A backend loads a model, evaluates the tokens it is given and samples: it knows nothing of messages,
 chat templates or tools (localmix.prompt turns conversations into tokens; localmix.reply runs a turn).
 `run`, `bench`, `chat` and the tool loop use only this Protocol; backends/llama.py is the llama.cpp one.
+A ChatBackend takes conversations instead (a server, backends/openai.py): `chat --server` uses it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol, Union, runtime_checkable
 
 from ..model_info import ModelInfo
 from ..prompt import Tokenizer
@@ -42,6 +43,8 @@ class Sampling:
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int | None = None
+    frequency_penalty: float = 0.0  # OpenAI's: less of a token the more often it already came
+    presence_penalty: float = 0.0  # less of any token that already came
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,12 @@ class ToolResult:
 
 Event = Union[Text, Done, Trimmed, ToolCalls, ToolResult]  # noqa: UP007 - a runtime alias, Python 3.10
 
+# One generation of a turn: (messages, the tools on offer or None, the choice for this round, sampling).
+# choice: "auto" | "none" (tools described, words forced) | "required" | a tool name. It yields the Text
+# pieces (a call's own text included), then one ToolCalls if the model called tools, then one Done.
+# tools.loop.tool_round is the one for a token backend; a ChatBackend's `chat` is one.
+Round = Callable[[list[dict], Union[list[dict], None], str, Sampling], Iterator[Union[Text, ToolCalls, Done]]]  # noqa: UP007
+
 
 class Backend(Protocol):
     info: ModelInfo  # the model (its prompt format included)
@@ -116,5 +125,24 @@ class Backend(Protocol):
     def cancel(self) -> None:
         """Stop the reply being generated (from any thread); it ends with Done(stop="cancelled")."""
         ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """A backend that takes conversations, not tokens: a server that speaks the OpenAI API
+    (backends/openai.py). The prompt, its template and its context are the server's business."""
+
+    ctx: int  # the context window, in tokens; 0 when the server does not say
+
+    def load(self, progress: Callable[[float], None] | None = None) -> None: ...
+
+    def chat(self, messages: list[dict], tools: list[dict] | None, choice: str, sampling: Sampling
+             ) -> Iterator[Text | ToolCalls | Done]:
+        """A Round (see Round above)."""
+        ...
+
+    def cancel(self) -> None: ...
 
     def close(self) -> None: ...

@@ -63,7 +63,8 @@ class LlamaBackend:
         n, started, stop, ttft = 0, False, "length", 0.0
         try:
             for tok in eng.sample(tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                                  grammar=grammar):
+                                  grammar=grammar, frequency_penalty=sampling.frequency_penalty,
+                                  presence_penalty=sampling.presence_penalty):
                 if n == 0:
                     ttft = time.perf_counter() - t0
                 if eng.is_end(tok):

@@ -19,6 +19,7 @@ LAYERS = {
     "localmix.backends.llama": 6, "localmix.tools.loop": 6, "localmix.models": 6,
     "localmix.reply": 7, "localmix.hub": 7, "localmix.demo": 7, "localmix.loader": 7, "localmix.evaluate": 7,
     "localmix.server": 7, "localmix.server.api": 7, "localmix.server.engine": 7,
+    "localmix.server.app": 8,
     "localmix.app": 8,
     "localmix.commands": 9,
     "localmix.cli": 10, "localmix.__main__": 10, "localmix": 10,

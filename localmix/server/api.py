@@ -18,7 +18,7 @@ from typing import Any
 
 from ..backends import Sampling
 from ..errors import LocalmixError
-from ..tools.grammar import ANY_JSON_OBJECT, MAX_DEPTH, check_schema, depth
+from ..tools.grammar import ANY_JSON_OBJECT, MAX_DEPTH, check_schema
 
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_BODY_DEPTH = MAX_DEPTH + 8  # a tool's schema may nest MAX_DEPTH deep, a few levels down in the body
@@ -160,10 +160,23 @@ def _typed(value, kinds: tuple[str, ...], param: str, *, optional: bool = False)
 SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
+def too_deep(value, limit: int) -> bool:
+    """Lists and dicts nest more than `limit` levels in `value` (walked without recursion, and no deeper
+    than the limit)."""
+    todo = [(value, 1)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, (dict, list)):
+            if level > limit:
+                return True
+            todo += [(v, level + 1) for v in (node.values() if isinstance(node, dict) else node)]
+    return False
+
+
 def _clean(body: dict) -> dict:
     """The body with nesting bounded, NaN and Infinity refused and lone surrogates replaced, in one pass
     through its JSON text."""
-    if depth(body) > MAX_BODY_DEPTH:
+    if too_deep(body, MAX_BODY_DEPTH):
         raise _bad(f"the request is nested more than {MAX_BODY_DEPTH} levels deep")
     try:
         text = json.dumps(body, ensure_ascii=False, allow_nan=False)
@@ -245,7 +258,7 @@ def _arguments(value, param: str) -> dict:
             value = json.loads(value)
         except (json.JSONDecodeError, RecursionError):
             raise _bad(f"'{param}' is not JSON text of an object", param, "invalid_value") from None
-        if depth(value) > MAX_DEPTH:
+        if too_deep(value, MAX_DEPTH):
             raise _bad(f"'{param}' is nested more than {MAX_DEPTH} levels deep", param, "invalid_value")
         value = _clean(value) if isinstance(value, dict) else value
     if not isinstance(value, dict):

@@ -189,7 +189,7 @@ class OpenAIBackend:
         return h
 
     def _unreachable(self, e: BaseException) -> LocalmixError:
-        reason = str(e) or type(e).__name__
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__  # "Connection refused", not "[Errno 111] ..."
         if isinstance(e, (TimeoutError, socket.timeout)):
             reason = "no answer (timed out)"
         return LocalmixError(f"cannot reach the server at {shown(self.url)}: {shown(reason)}")

@@ -14,6 +14,7 @@ from . import __version__
 COMMANDS = {
     "chat": ("chat", "chat in the terminal (opens the demo model when no model is given or stored)"),
     "run": ("run", "stream one reply from a GGUF model to stdout"),
+    "serve": ("serve", "serve a model behind an OpenAI-compatible API (/v1/chat/completions, streaming, tools, JSON output)"),
     "plan": ("plan", "show where each tensor of a GGUF goes (GPU or CPU) and the predicted speed"),
     "bench": ("bench", "measure prefill and decode speed of the auto plan against llama.cpp's usual splits"),
     "quantize": ("quantize", "Hugging Face checkpoint (folder or repo id) to a 4-bit GGUF in one streaming pass"),

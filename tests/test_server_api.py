@@ -111,6 +111,7 @@ REFUSED = [
     ({"seed": 1.0}, "seed"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": [1]}, "stop"),
+    ({"stop": "x" * 1001}, "stop"),
     ({"stop": {"a": 1}}, "stop"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),

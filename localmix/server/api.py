@@ -21,6 +21,7 @@ from ..errors import LocalmixError
 from ..tools.grammar import ANY_JSON_OBJECT, MAX_DEPTH, check_schema
 
 MAX_STOP = 4  # stop strings, as OpenAI allows
+MAX_STOP_LENGTH = 1000  # characters of one: the answer's tail is compared with each one's beginnings at every token
 MAX_BODY_DEPTH = MAX_DEPTH + 8  # a tool's schema may nest MAX_DEPTH deep, a few levels down in the body
 NO_LIMIT = 2**31 - 1  # max_tokens when none is asked: the engine stops at the end of the context
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -96,7 +97,9 @@ def _stop_check(v) -> str | None:
     items = [v] if isinstance(v, str) else v
     if not all(isinstance(s, str) for s in items):
         return "must be a string or an array of strings"
-    return None if len(items) <= MAX_STOP else f"may hold at most {MAX_STOP} strings"
+    if len(items) > MAX_STOP:
+        return f"may hold at most {MAX_STOP} strings"
+    return None if all(len(s) <= MAX_STOP_LENGTH for s in items) else f"strings may be at most {MAX_STOP_LENGTH} characters long"
 
 
 @dataclass(frozen=True)

@@ -328,18 +328,30 @@ def test_a_client_gone_before_the_reply_cancels_it(tiny_url, tiny_model):
 
 
 def test_queue_full_is_503_with_retry_after(tiny_server, tiny_model):
-    """max_queue=1: one generating, one waiting, the third refused; the waiting one is served after."""
+    """max_queue=1: one generating, one waiting, the next refused; a waiting client that leaves frees its
+    place; the one waiting is served after."""
     tiny_url, service = tiny_server
+    short = {"model": tiny_model.name, "messages": QUESTION, "max_tokens": 4}
+
+    def until_waiting(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while service.waiting != n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.waiting == n
+
     stream, _ = _long_stream(tiny_url, tiny_model.name)
-    waiting: dict = {}
-    t = threading.Thread(target=lambda: waiting.update(r=post(tiny_url, {"model": tiny_model.name, "messages": QUESTION,
-                                                                          "max_tokens": 4})))
-    t.start()
-    deadline = time.monotonic() + 30
-    while service.waiting < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    status, headers, body = post(tiny_url, {"model": tiny_model.name, "messages": QUESTION, "max_tokens": 4})
+    u = urlsplit(tiny_url)
+    leaving = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    leaving.request("POST", "/v1/chat/completions", body=json.dumps(short), headers={"Content-Type": "application/json"})
+    until_waiting(1)
+    status, headers, body = post(tiny_url, short)
     assert status == 503 and is_error(body, "queue_full") and int(headers["Retry-After"]) >= 1
+    leaving.close()
+    until_waiting(0)
+    waiting: dict = {}
+    t = threading.Thread(target=lambda: waiting.update(r=post(tiny_url, short)))
+    t.start()
+    until_waiting(1)
     stream.close()
     t.join(60)
     assert waiting["r"][0] == 200 and waiting["r"][2]["choices"][0]["finish_reason"] in ("stop", "length")

@@ -18,7 +18,7 @@ import threading
 
 from .common import add_budget_arguments, add_threads_argument, bounded
 
-STOP_WAIT = 30  # seconds a cancelled generation may take to end before the model is left to the OS
+STOP_WAIT = 30  # seconds for connections (a client that stopped reading) and a cancelled generation to end at Ctrl-C
 EXTRA = "pip install 'localmix[serve]' (or: pipx inject localmix starlette uvicorn)"
 
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     app = make_app(model, config)
     service = app.state.service
     server = _server(uvicorn.Config(app, log_level="warning", access_log=args.log_requests, lifespan="off",
-                                    server_header=False), service)
+                                    server_header=False, timeout_graceful_shutdown=STOP_WAIT), service)
     if args.log_requests:
         import logging
 

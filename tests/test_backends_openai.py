@@ -185,6 +185,12 @@ def test_tools_run_on_the_client(server):
 
 def test_cancel_ends_the_stream_and_the_server_takes_the_next_request(server):
     backend = connected(server)
+    long_prompt = [{"role": "user", "content": "Tell a long story about this river: " + "the river runs to the sea " * 40}]
+    threading.Timer(0.2, backend.cancel).start()  # likely while the server still reads the prompt
+    t0 = time.monotonic()
+    events = list(backend.chat(long_prompt, None, "auto", Sampling(max_tokens=2000, seed=1)))
+    assert isinstance(events[-1], Done) and events[-1].stats.stop == "cancelled"
+    assert time.monotonic() - t0 < 1.2
     events, first = [], threading.Event()
 
     def stream():

@@ -271,8 +271,10 @@ class OpenAIBackend:
         first = last = None
         pieces = 0
         try:
-            if self._cancel.is_set():
-                raise ConnectionAbortedError("cancelled")
+            conn.connect()
+            with self._lock:  # a cancel that came before the socket existed is seen here; one after, shuts it
+                if self._cancel.is_set():
+                    raise ConnectionAbortedError("cancelled")
             conn.request("POST", f"{self.base}/chat/completions", body=body,
                          headers={**self._headers(), "Content-Type": "application/json"})
             resp = conn.getresponse()

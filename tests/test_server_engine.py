@@ -5,6 +5,7 @@ output in the same process, never with words a tiny model might break a near-tie
 
 import json
 import threading
+from typing import Literal
 
 import jsonschema
 import pytest
@@ -15,7 +16,8 @@ from localmix.model_info import read_model_info
 from localmix.planner import Budget, plan
 from localmix.prompt.mistral import wire_id
 from localmix.server.api import ApiError, parse_chat_request
-from localmix.server.engine import Delta, Finish, StopFilter, answer, may_be_call
+from localmix.server.engine import REFUSED, Delta, Finish, StopFilter, _run, answer, may_be_call
+from localmix.tools import ToolSet, from_function
 from localmix.units import GiB
 from tests.support.ggufs import KV, STR, base_model, serialise
 
@@ -115,8 +117,18 @@ def test_a_forced_call_in_the_native_format(native_backend, choice):
     assert fin.completion_tokens > 5
 
 
+def test_auto_in_the_native_format_is_a_call_or_words(native_backend):
+    """Whichever the model writes, nothing of a call is sent as content, and words are sent whole."""
+    deltas, fin = ask(native_backend, max_tokens=8, tools=[WEATHER], temperature=1.0,
+                      messages=[{"role": "user", "content": "Weather in Paris?"}])
+    if fin.tool_calls:
+        assert fin.reason == "tool_calls" and deltas == [] and fin.content == ""
+    else:
+        assert fin.reason in ("stop", "length") and "".join(d.text for d in deltas) == fin.content
+
+
 def test_a_forced_call_in_the_json_protocol(smol_backend):
-    deltas, fin = ask(smol_backend, max_tokens=60, tools=[WEATHER], tool_choice="required",
+    deltas, fin = ask(smol_backend, max_tokens=40, tools=[WEATHER], tool_choice="required",
                       messages=[{"role": "user", "content": "What is the weather in Paris?"}])
     assert not prompt.native(smol_backend.info.prompt, smol_backend.tokenizer)
     assert deltas == [] and fin.reason == "tool_calls"
@@ -162,7 +174,7 @@ def test_a_json_schema_answer_validates(smol_backend):
 
 def test_a_json_answer_with_tools_on_offer(smol_backend):
     """Words from a round with tools are not the answer: it comes under the response format's grammar."""
-    deltas, fin = ask(smol_backend, max_tokens=20, tools=[WEATHER], response_format={"type": "json_object"})
+    deltas, fin = ask(smol_backend, max_tokens=16, tools=[WEATHER], response_format={"type": "json_object"})
     if fin.reason == "stop":
         assert isinstance(json.loads(fin.content), dict) and "".join(d.text for d in deltas) == fin.content
     else:  # the model called the tool: a call is a call, whatever the format of an answer
@@ -218,3 +230,36 @@ def test_a_continued_conversation_reuses_the_cache(smol_backend):
     follow = [*FRANCE, {"role": "assistant", "content": first.content}, {"role": "user", "content": "And of Germany?"}]
     _, second = ask(smol_backend, fresh=False, max_tokens=4, messages=follow)
     assert second.cached_tokens >= first.prompt_tokens - 1 and second.prompt_tokens > second.cached_tokens
+
+
+def test_the_servers_own_tools_are_run_not_returned(smol_backend):
+    """A call of a server tool is run and the loop goes on; the client, which has no tools, gets words
+    (whether the model calls the tool is its own business)."""
+    ran = []
+
+    def city_weather(city: Literal["Paris", "Berlin"]) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return '{"temperature_c": 18}'
+
+    events = list(answer(smol_backend, parse_chat_request({"model": "m", "max_tokens": 24, **GREEDY, "messages": [
+        {"role": "user", "content": "What is the weather in Paris? Use the city_weather tool."}]}),
+        server_tools=ToolSet([from_function(city_weather)])))
+    fin = events[-1]
+    assert fin.reason in ("stop", "length") and fin.tool_calls == [] and "".join(e.text for e in events[:-1]) == fin.content
+    assert set(ran) <= {"Paris", "Berlin"}
+
+
+def test_a_server_tool_with_side_effects_is_not_run():
+    ran = []
+
+    def save(text: str) -> str:
+        """Save a note."""
+        ran.append(text)
+        return "saved"
+
+    tools = ToolSet([from_function(save, side_effects=True)])
+    call = {"id": "abcdefghi", "name": "save", "arguments": {"text": "x"}}
+    assigned, result = _run(tools, [call])
+    assert assigned == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert result["content"] == REFUSED and result["tool_call_id"] == "abcdefghi" and ran == []

@@ -112,6 +112,7 @@ async def test_an_unreachable_server_is_shown_not_fatal(tmp_path):
 @pytest.mark.parametrize(("args", "expect"), [
     (["--server", "http://127.0.0.1:1", "some-model"], "MODEL (some-model) and --server exclude each other"),
     (["--model", "llama3"], "--model and --api-key go with --server URL"),
+    (["--server", "http://127.0.0.1:1", "--ctx", "2048", "--vram", "0"], "chat --server: --vram, --ctx plan a model loaded here"),
     (["--server", "ftp://127.0.0.1/"], "--server ftp://127.0.0.1/: not an http:// or https:// URL"),
 ])
 def test_server_flags_misused_are_one_line(args, expect):

@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --server: its API key (default: $LOCALMIX_API_KEY, then $OPENAI_API_KEY)")
 
 
+# Flags that only mean something for a model loaded here: (flag, dest, default). With --server they are refused.
+LOCAL_ONLY = (("--vram", "vram", None), ("--ram", "ram", None), ("--ctx", "ctx", None), ("--kv-type", "kv_type", "f16"),
+              ("--ram-bandwidth", "ram_bandwidth", None), ("--measure", "measure", False), ("--threads", "threads", None))
+
+
 def store_models() -> list:
     """The store's complete models (their first files), most recently changed first; the demo is not one."""
     from ..demo import DEMO_FILE
@@ -111,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.server is not None and args.model:
         raise LocalmixError(f"chat: MODEL ({shown(args.model)}) and --server exclude each other: the server has its models; "
                             "choose one with --model NAME")
+    if args.server is not None and (given := [flag for flag, dest, default in LOCAL_ONLY if getattr(args, dest) != default]):
+        raise LocalmixError(f"chat --server: {', '.join(given)} plan a model loaded here; the server has its own plan "
+                            "(give them to localmix serve)")
     if args.server is None and (args.server_model or args.api_key):
         raise LocalmixError("chat: --model and --api-key go with --server URL (a local model is the MODEL argument)")
     if args.server is not None:

@@ -241,6 +241,11 @@ def test_json_schema_output_validates(smol_url, smol_model):
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}, temperature=0, max_tokens=200)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    chunks = client(smol_url).chat.completions.create(
+        model=smol_model.name, messages=[{"role": "user", "content": "The capital of Italy and its population, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}, temperature=0, max_tokens=200,
+        stream=True)
+    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in chunks)), schema)
 
 
 def test_malformed_requests_are_4xx_json(smol_url, smol_model):

@@ -248,7 +248,7 @@ class Service:
                            type="server_error", code="queue_full")
         self.waiting += 1
         try:
-            acquired = await _first(lock.acquire(), gone.wait())
+            acquired = await _first(lock, gone)
         finally:
             self.waiting -= 1
         if not acquired:
@@ -268,6 +268,8 @@ class Service:
         self.current = gen
         self.idle.clear()
         gen.start()
+        if self.closing:  # stop() came between this request's turn and now
+            gen.cancel()
         try:
             yield gen
         finally:
@@ -280,21 +282,18 @@ class Service:
                 self.idle.set()
 
 
-async def _first(acquire, gone) -> bool:
-    """Await `acquire` unless `gone` comes first (then False, and nothing is left acquired)."""
-    a, g = asyncio.ensure_future(acquire), asyncio.ensure_future(gone)
+async def _first(lock: asyncio.Lock, gone: asyncio.Event) -> bool:
+    """Acquire `lock` unless `gone` is set first (then False, and the lock is not left acquired, even
+    when the caller is cancelled meanwhile)."""
+    a, g = asyncio.ensure_future(lock.acquire()), asyncio.ensure_future(gone.wait())
     try:
         await asyncio.wait({a, g}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         g.cancel()
-    if a.done():
-        return True
-    a.cancel()
-    try:
-        await a
-    except asyncio.CancelledError:
-        return False
-    return True  # it was acquired while being cancelled: keep it
+        if not a.done():
+            a.cancel()
+            a.add_done_callback(lambda f: f.cancelled() or f.exception() or lock.release())  # got it all the same
+    return a.done() and not a.cancelled()
 
 
 # -- routes ---------------------------------------------------------------------------------------------

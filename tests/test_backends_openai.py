@@ -118,6 +118,42 @@ def test_a_model_the_server_does_not_have(server):
     assert "no model no-such-model" in message and connected(server).model in message and "\n" not in message
 
 
+def test_a_server_still_loading_is_waited_for(model):
+    from localmix.server.app import Model
+
+    loading = Model(model.name, aliases=set(model.aliases), details=dict(model.details), progress=0.25)
+    with serving(loading) as url:
+        def ready():
+            loading.backend, loading.progress, loading.state = model.backend, 1.0, "ready"
+
+        timer = threading.Timer(1.0, ready)
+        timer.start()
+        seen = []
+        backend = OpenAIBackend(url)
+        backend.load(seen.append)
+        timer.join()
+        assert seen[0] == 0.25 and seen[-1] == 1.0 and backend.ctx == CTX
+        assert "".join(e.text for e in backend.chat(ASK, None, "auto", GREEDY) if isinstance(e, Text))
+        loading.backend = None  # the module's model: not closed with this server
+
+
+def test_a_server_whose_model_failed_to_load(model):
+    from localmix.server.app import Model
+
+    failed = Model(model.name, details=dict(model.details), state="failed", error="not enough memory for the KV cache")
+    with serving(failed) as url:
+        with pytest.raises(LocalmixError, match="could not load its model: not enough memory for the KV cache$"):
+            connected(url)
+
+
+def test_a_store_model_the_server_has_not_loaded(server, smol):
+    from localmix.paths import models_dir
+
+    (models_dir() / "other-model.gguf").symlink_to(smol)  # the server lists its store's models too
+    with pytest.raises(LocalmixError, match="serves smollm2.*; other-model is in its store but not loaded"):
+        connected(server, model="other-model")
+
+
 def test_unreachable_server_is_one_line():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

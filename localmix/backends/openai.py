@@ -27,6 +27,9 @@ from . import Done, Sampling, Stats, Text, ToolCalls
 DEFAULT_TIMEOUT = 600.0  # seconds a read may wait: a long prompt on a CPU-only server is slow to start
 LOAD_TIMEOUT = 30.0  # for the model list: a server that takes longer is as good as unreachable
 MAX_ERROR_BODY = 1 << 16
+MAX_LISTING = 1 << 22  # a model list, /health
+READY_TIMEOUT = 3600.0  # seconds to wait for a localmix server still loading its model (a big one from a slow disk)
+READY_POLL = 0.5
 NETWORK_ERRORS = (OSError, http.client.HTTPException, ssl.SSLError)
 
 # OpenAI's finish_reason -> Stats.stop. Tool calls end the generation the way an EOS does.
@@ -209,19 +212,24 @@ class OpenAIBackend:
 
     # -- ChatBackend -----------------------------------------------------------------------------------------
 
-    def load(self, progress: Callable[[float], None] | None = None) -> None:
-        """Asks the server for its models: the one to chat with must be listed (None: the first)."""
+    def _get(self, path: str) -> tuple[int, str, bytes]:
+        """GET `path` on the server: (status, reason, body); unreachable: one line."""
         conn = self._connection(min(self.timeout, LOAD_TIMEOUT))
         try:
-            conn.request("GET", f"{self.base}/models", headers=self._headers())
+            conn.request("GET", path, headers=self._headers())
             resp = conn.getresponse()
-            body = resp.read(MAX_ERROR_BODY * 64)
+            return resp.status, resp.reason, resp.read(MAX_LISTING)
         except NETWORK_ERRORS as e:
             raise self._unreachable(e) from None
         finally:
             conn.close()
-        if resp.status != 200:
-            raise self._refused(resp.status, resp.reason, body)
+
+    def load(self, progress: Callable[[float], None] | None = None) -> None:
+        """Asks the server for its models: the one to chat with must be listed (None: the first). A localmix
+        server still loading its model is waited for (its /health gives the progress)."""
+        status, reason, body = self._get(f"{self.base}/models")
+        if status != 200:
+            raise self._refused(status, reason, body)
         try:
             listed = json.loads(body)["data"]
             entries = [m for m in listed if isinstance(m, dict) and isinstance(m.get("id"), str)]
@@ -234,11 +242,37 @@ class OpenAIBackend:
         found = self._find(entries)
         self.model = found["id"]
         extra = found.get("localmix")
+        served = next((m["id"] for m in entries if isinstance(m.get("localmix"), dict)), None)
+        if served is not None and not isinstance(extra, dict):  # a localmix server lists its store too
+            raise LocalmixError(f"the server at {shown(self.url)} serves {shown(served)}; {shown(self.model)} is in its "
+                                f"store but not loaded (start localmix serve with it)")
         self.details = extra if isinstance(extra, dict) else {}
         ctx = self.details.get("ctx")
         self.ctx = ctx if isinstance(ctx, int) and ctx > 0 else 0
+        if served is not None:
+            self._wait_ready(progress)
         if progress is not None:
             progress(1.0)
+
+    def _wait_ready(self, progress: Callable[[float], None] | None) -> None:
+        """Until a localmix server's model is loaded (bounded in time; close() stops the wait)."""
+        health = f"{self.base.removesuffix('/v1')}/health"
+        self._cancel.clear()
+        end = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                state = json.loads(self._get(health)[2])
+            except ValueError:
+                state = None
+            if not isinstance(state, dict) or state.get("status") not in ("loading", "failed"):
+                return  # ready, or no /health to ask: the chat request will say
+            if state["status"] == "failed":
+                raise LocalmixError(f"the server at {shown(self.url)} could not load its model: "
+                                    f"{shown(state.get('error') or 'no reason given', 500)}")
+            if progress is not None and isinstance(state.get("progress"), (int, float)):
+                progress(min(max(float(state["progress"]), 0.0), 1.0))
+            if time.monotonic() > end or self._cancel.wait(READY_POLL):
+                raise LocalmixError(f"the server at {shown(self.url)} is still loading its model; try again later")
 
     def _find(self, entries: list[dict]) -> dict:
         if self.model is None:

@@ -77,7 +77,7 @@ def make_server_prepare(url: str, model: str | None = None, api_key: str | None 
 
         backend = OpenAIBackend(url, model=model, api_key=api_key)
         progress(0.0, f"Connecting to {backend.where}")
-        backend.load()
+        backend.load(lambda f: progress(f, f"The server at {backend.where} is loading its model"))
         return backend, server_placement(backend)
 
     return prepare

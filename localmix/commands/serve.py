@@ -67,10 +67,14 @@ def run(args: argparse.Namespace) -> int:
     service = app.state.service
     server = _server(uvicorn.Config(app, log_level="warning", access_log=args.log_requests, lifespan="off",
                                     server_header=False, timeout_graceful_shutdown=STOP_WAIT), service)
-    if args.log_requests:
+    if args.log_requests:  # on stderr (uvicorn logs them on stdout, which has the one ready line)
         import logging
 
-        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+        access = logging.getLogger("uvicorn.access")
+        access.setLevel(logging.INFO)
+        for handler in access.handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
     failed: list[BaseException] = []
     loader = threading.Thread(target=_load, args=(model, p, args.threads, server, failed, url), name="localmix-load", daemon=True)
     loader.start()
@@ -182,6 +186,8 @@ def _progress(description: str):
     console = Console(stderr=True)
     if not console.is_terminal:
         print(f"localmix serve: {description}", file=sys.stderr, flush=True)
+        yield lambda fraction: None
+        return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                    console=console, transient=True)
     task = bar.add_task(markup(description), total=1.0)

@@ -213,10 +213,10 @@ class Service:
         if (gen := self.current) is not None:
             gen.cancel()
 
-    def check_model(self, name: str) -> None:
+    async def check_model(self, name: str) -> None:
         if name in self.model.aliases:
             return
-        if self._in_store(name):
+        if await run_in_threadpool(self._in_store, name):  # opens the store's files: not in the event loop
             raise ApiError(404, f"model '{name}' is in the store but not loaded: this server serves '{self.model.name}'",
                            param="model", code="model_not_found")
         raise ApiError(404, f"the model '{name}' does not exist: this server serves '{self.model.name}'",
@@ -335,7 +335,7 @@ class ChatCompletions:
         request = Request(scope, receive)
         try:
             req = parse_chat_request(await read_json(request, self.service.config.max_body))
-            self.service.check_model(req.model)
+            await self.service.check_model(req.model)
             self.service.check_ready()
             await self.answer(req, scope, receive, send)
         except ApiError as e:

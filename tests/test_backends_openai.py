@@ -75,6 +75,10 @@ def test_tool_call_deltas_put_together():
     broken.add([{"index": 0, "id": "x", "function": {"name": "add", "arguments": '{"a": '}}])
     with pytest.raises(ToolCallError, match="add"):
         broken.calls()
+    odd = Calls()  # shapes no server should send: no crash, one line
+    odd.add(["junk", {"index": "x", "function": "nope", "id": 5}])
+    with pytest.raises(ToolCallError, match="without a function name"):
+        odd.calls()
 
 
 # -- against a real server ----------------------------------------------------------------------------

@@ -134,14 +134,15 @@ class Calls:
         for position, d in enumerate(deltas):
             if not isinstance(d, dict):
                 continue
-            call = self.parts.setdefault(d.get("index", position), {"id": "", "name": "", "arguments": ""})
-            fn = d.get("function") or {}
-            call["id"] = d.get("id") or call["id"]
-            call["name"] = fn.get("name") or call["name"]
+            index = d.get("index", position)
+            call = self.parts.setdefault(index if isinstance(index, int) else position, {"id": "", "name": "", "arguments": ""})
+            fn = d.get("function") if isinstance(d.get("function"), dict) else {}
+            call["id"] = d.get("id") if isinstance(d.get("id"), str) and d["id"] else call["id"]
+            call["name"] = fn.get("name") if isinstance(fn.get("name"), str) and fn["name"] else call["name"]
             args = fn.get("arguments")
             if isinstance(args, dict):  # some servers send the object itself
                 args = json.dumps(args)
-            call["arguments"] += args or ""
+            call["arguments"] += args if isinstance(args, str) else ""
 
     def calls(self) -> list[dict]:
         out = []
@@ -314,28 +315,22 @@ class OpenAIBackend:
             resp = conn.getresponse()
             if resp.status != 200:
                 raise self._refused(resp.status, resp.reason, resp.read(MAX_ERROR_BODY))
-            for data in sse_data(iter(resp.readline, b"")):
+            for chunk in self._chunks(resp):
                 if self._cancel.is_set():  # asked before the socket existed, or between two reads
                     break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise LocalmixError(f"the server at {shown(self.url)} sent an event that is not JSON: {shown(data)}") from None
-                if not isinstance(chunk, dict):
-                    continue
-                if (message := error_message(chunk)) is not None and "choices" not in chunk:
-                    raise LocalmixError(f"the server at {shown(self.url)} says: {shown(message, 500)}")
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content")
-                    if text or delta.get("tool_calls"):
+                    delta = choice.get("delta", choice.get("message")) if isinstance(choice, dict) else None
+                    if not isinstance(delta, dict):
+                        continue
+                    text = delta.get("content") if isinstance(delta.get("content"), str) else ""
+                    deltas = delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []
+                    if text or deltas:
                         last = time.perf_counter()
                         first = first or last
                         pieces += 1
-                    if delta.get("tool_calls"):
-                        calls.add(delta["tool_calls"])
+                    calls.add(deltas)
                     if text:
                         yield Text(text)
                     finish = choice.get("finish_reason") or finish
@@ -349,6 +344,24 @@ class OpenAIBackend:
         if calls.parts and finish != "cancelled":
             yield ToolCalls(calls.calls())
         yield Done(self._stats(usage, finish, t0, first, last, pieces))
+
+    def _chunks(self, resp: http.client.HTTPResponse) -> Iterator[dict]:
+        """The stream's chunk objects as they come; a server that answered with one completion instead of a
+        stream gives it as one chunk (its message read as the delta). An error object: the server's words."""
+        if resp.getheader("Content-Type", "").startswith("application/json"):
+            datas: Iterable[str] = [resp.read(MAX_LISTING).decode("utf-8", errors="replace")]
+        else:
+            datas = sse_data(iter(resp.readline, b""))
+        for data in datas:
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise LocalmixError(f"the server at {shown(self.url)} sent an event that is not JSON: {shown(data)}") from None
+            if not isinstance(chunk, dict):
+                continue
+            if (message := error_message(chunk)) is not None and "choices" not in chunk:
+                raise LocalmixError(f"the server at {shown(self.url)} says: {shown(message, 500)}")
+            yield chunk
 
     def _stats(self, usage: dict, finish: str, t0: float, first: float | None, last: float | None, pieces: int) -> Stats:
         def count(d: object, key: str) -> int:

@@ -168,9 +168,9 @@ class OpenAIBackend:
     lists (None: the first listed); `api_key`: sent as a bearer token. `timeout`: seconds any read may wait."""
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT):
-        self.url = url.strip()
         self.scheme, self.host, self.port, self.base = split_url(url)
         self.where = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+        self.url = f"{self.scheme}://{self.where}{self.base.removesuffix('/v1')}"  # as shown: no user:password@ from the URL
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.ctx = 0  # the server's context window; 0 when it does not say
         self.details: dict = {}  # a localmix server's {"plan", "split", "ctx"}

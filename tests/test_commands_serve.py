@@ -20,7 +20,8 @@ READY = re.compile(r"^serving (\S+) at (http://127\.0\.0\.1:\d+/v1) · .*predict
 
 def test_serve_answers_and_ctrl_c_exits_0(smol):
     env = {**os.environ, "LOCALMIX_API_KEY": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "localmix", "serve", str(smol), "--port", "0", "--vram", "0", "--threads", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "localmix", "serve", str(smol), "--port", "0", "--vram", "0", "--threads", "2",
+                             "--log-requests"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # the load takes seconds; a broken start ends stdout (and the test) at once
@@ -38,7 +39,8 @@ def test_serve_answers_and_ctrl_c_exits_0(smol):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert time.perf_counter() - t0 < 15
-        assert "Traceback" not in err and out == ""
+        assert "Traceback" not in err and out == ""  # stdout: the ready line only
+        assert '"POST /v1/chat/completions HTTP/1.1" 200' in err  # --log-requests: on stderr
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -145,7 +145,7 @@ def openai_history(call_id: str) -> list[dict]:
 
 def test_a_tool_round_trip_ends_in_words(smol_backend):
     """The client ran the call and sends the result back: the answer comes in words."""
-    deltas, fin = ask(smol_backend, max_tokens=12, tools=[WEATHER], tool_choice="none", messages=openai_history("call_1"))
+    deltas, fin = ask(smol_backend, max_tokens=6, tools=[WEATHER], tool_choice="none", messages=openai_history("call_1"))
     assert fin.reason in ("stop", "length") and fin.tool_calls == [] and fin.content.strip()
     assert not fin.content.lstrip().startswith("{") and "".join(d.text for d in deltas) == fin.content
 
@@ -242,7 +242,7 @@ def test_the_servers_own_tools_are_run_not_returned(smol_backend):
         ran.append(city)
         return '{"temperature_c": 18}'
 
-    events = list(answer(smol_backend, parse_chat_request({"model": "m", "max_tokens": 24, **GREEDY, "messages": [
+    events = list(answer(smol_backend, parse_chat_request({"model": "m", "max_tokens": 16, **GREEDY, "messages": [
         {"role": "user", "content": "What is the weather in Paris? Use the city_weather tool."}]}),
         server_tools=ToolSet([from_function(city_weather)])))
     fin = events[-1]

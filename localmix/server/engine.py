@@ -5,12 +5,15 @@ backend.cancel().
 Each generation is a Round (tools.loop.tool_round: the prompt encoded, a grammar for forced calls, the
 calls read back). What the client sees of it:
 - text that may still turn out to be a tool call is held (Mistral's native format: the reply starts with
-  [TOOL_CALLS]; the JSON protocol: with "{"); the rest is sent as soon as it comes;
+  [TOOL_CALLS]; the JSON protocol: with "{"); the rest is sent as soon as it comes; held text that never
+  became words (a call cut short or unreadable) is no part of the content;
 - `stop` strings cut the answer: a tail that could begin one is held back until it cannot, and when one
   appears the generation is cancelled;
 - calls of the server's own tools (side-effect free, `serve --tools`) are run and the loop goes on; calls
   of the client's tools end the answer (reason "tool_calls"): the client runs them, as the API intends;
-- response_format: the answer is generated under the schema's grammar and validated.
+- response_format: the answer is generated under the schema's grammar and validated (a failure, which
+  the grammar should make impossible, is ApiError(500) after the Deltas); with tools on offer, words
+  from a round with tools are dropped and the answer generated again under the grammar.
 Request errors (prompt longer than the context, a template that rejects the conversation, a schema the
 grammar cannot enforce) are ApiError(400) raised before any Delta."""
 
@@ -169,7 +172,7 @@ def _answer(backend: Backend, req: ChatRequest, server_tools: ToolSet | None):
         else:  # with response_format, words from a round with tools are not the answer: that comes under the grammar
             rounds = tool_round(backend, messages, specs, choice, req.sampling)
             mode = "hold" if forced(choice) or grammar is not None else "decide"
-        calls, stats, held = yield from _round(backend, rounds, mode, native, stops, sent)
+        calls, stats = yield from _round(backend, rounds, mode, native, stops, sent, req.sampling.max_tokens)
         totals.add(stats)
         if calls:
             mine = [c for c in calls if c["name"] in client]
@@ -181,10 +184,10 @@ def _answer(backend: Backend, req: ChatRequest, server_tools: ToolSet | None):
         if mode == "hold" and grammar is not None and stats.stop != "cancelled":
             words = True
             continue
-        for piece in (stops.feed(held), stops.flush()):
-            if piece:
-                sent.append(piece)
-                yield Delta(piece)
+        tail = stops.flush()  # what was held back as the possible start of a stop string
+        if tail:
+            sent.append(tail)
+            yield Delta(tail)
         reason = "stop" if stops.hit else REASONS[stats.stop]
         content = "".join(sent)
         if grammar is not None and reason == "stop" and not stops.hit:
@@ -219,22 +222,21 @@ def _finish(reason: str, content: str, calls: list[dict], totals: Totals) -> Fin
     return Finish(reason, content, calls, totals.prompt, totals.cached, totals.completion)
 
 
-def _round(backend: Backend, rounds, mode: str, native: bool, stops: StopFilter, sent: list[str]):
-    """Consume one round: yields the Deltas it may send; returns (calls, stats, text held back).
-    mode: "send" (words), "hold" (a call, or words that are not the answer), "decide" (held while it may
-    be a call)."""
-    held, calls, stats = "", [], None
+def _round(backend: Backend, rounds, mode: str, native: bool, stops: StopFilter, sent: list[str], limit: int):
+    """Consume one round: yields the Deltas it may send; returns (calls, stats). mode: "send" (words),
+    "hold" (a call, or words that are not the answer), "decide" (held while it may be a call). Text held
+    to the end is never content: it is a call, one cut short or unreadable, or words under a wrong format."""
+    held, pieces, calls, stats = "", 0, [], None
     try:
         for event in rounds:
             if isinstance(event, Text):
+                pieces += 1
                 if mode == "decide":
                     held += event.text
                     if may_be_call(held, native):
                         continue
-                    mode, event = "send", Text(held)
-                    held = ""
+                    mode, event, held = "send", Text(held), ""
                 if mode == "hold":
-                    held += event.text
                     continue
                 piece = stops.feed(event.text)
                 if piece:
@@ -247,8 +249,7 @@ def _round(backend: Backend, rounds, mode: str, native: bool, stops: StopFilter,
             elif isinstance(event, Done):
                 stats = event.stats
     except ToolCallError:
-        # A call that cannot be read (tool_round reads calls before its Done): a forced one cut by max_tokens
-        # (the grammar allows nothing else), or a model writing [TOOL_CALLS] and then no call, which is
-        # what it said. That round's numbers are lost with its Done.
-        return [], Stats(stop="length" if mode == "hold" else "eos"), ("" if mode == "hold" else held)
-    return calls, stats, ("" if mode == "hold" else held)  # held to the end: a call, or words that are not the answer
+        # A call that cannot be read (tool_round reads calls before its Done, whose numbers are lost): a
+        # forced one cut by max_tokens (its grammar allows nothing else), or [TOOL_CALLS] and then no call.
+        return [], Stats(stop="length" if mode == "hold" or pieces >= limit else "eos")
+    return calls, stats

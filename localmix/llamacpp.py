@@ -195,6 +195,17 @@ class Engine:
         self.llm = llm
         self._keepalive = keepalive  # ctypes arrays and callbacks llama.cpp holds pointers to
         self.log = log or []  # llama.cpp's log lines while loading (tensor overrides are listed there)
+        self._aborting = False
+        if getattr(llm, "_ctx", None) is not None:  # a vocabulary alone has no context to abort
+            import llama_cpp
+
+            # llama.cpp asks between the steps of a decode: a long prompt stops within one, not at its end
+            self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: self._aborting)
+            llama_cpp.llama_set_abort_callback(llm._ctx.ctx, self._abort_cb, None)
+
+    def abort(self) -> None:
+        """Stop the evaluation under way (from any thread): sample() then ends as if the caller stopped."""
+        self._aborting = True
 
     @classmethod
     def load(cls, path: str | Path, *, n_gpu_layers: int, cpu_patterns: list[str], ctx: int, threads: int | None,
@@ -328,20 +339,34 @@ class Engine:
         stops; `grammar` (GBNF) constrains them."""
         from llama_cpp import LlamaGrammar
 
+        self._aborting = False
         if seed is not None:
             self.llm.set_seed(seed)
         compiled = LlamaGrammar.from_string(grammar, verbose=False) if grammar else None
         gen = self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=40, min_p=0.05, repeat_penalty=1.0,
                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, grammar=compiled)
-        try:
-            yield from gen
-        finally:
-            gen.close()
+        errors: list[str] = []
+        # llama.cpp logs an aborted decode as an error; on a terminal (the chat app) that line would land
+        # on the screen. Its errors are kept here and shown only when they were not an abort.
+        with _captured_log([], echo=False, errors=errors):
+            try:
+                yield from gen
+            except RuntimeError:  # llama_decode returned 2: aborted; llm.eval drops the partial batch next time
+                if not self._aborting:
+                    raise
+                import llama_cpp
+
+                llama_cpp.llama_synchronize(self.llm._ctx.ctx)  # the aborted work's counts land now, not in the next reply's
+            finally:
+                gen.close()
+                if errors and not self._aborting:
+                    print("".join(errors), end="", file=sys.stderr, flush=True)
 
     def evaluate(self, tokens: list[int]) -> None:
         """Run tokens through the model (no sampling) and wait for the result, as sampling would."""
         import llama_cpp
 
+        self._aborting = False
         self.llm.eval(tokens)
         llama_cpp.llama_synchronize(self.llm._ctx.ctx)  # the perf counters are updated when work is waited for
 
@@ -357,6 +382,7 @@ class Engine:
         import numpy as np
 
         llm = self.llm
+        self._aborting = False
         llm._ctx.kv_cache_clear()
         llm.reset()
         n_vocab, batch, out = llm.n_vocab(), llm._batch.batch, []

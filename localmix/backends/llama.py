@@ -46,6 +46,8 @@ class LlamaBackend:
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self.engine is not None:
+            self.engine.abort()  # a prompt being evaluated stops too, not only the sampling after it
 
     def generate(self, tokens: list[int], sampling: Sampling, grammar: str | None = None) -> Iterator[Text | Done]:
         eng = self.engine
@@ -82,6 +84,9 @@ class LlamaBackend:
                     break
                 if n >= max_new:
                     break
+            else:  # the sampling ended itself: only an abort does that
+                if self._cancel.is_set():
+                    stop = "cancelled"
             tail = decoder.decode(b"", final=True)
             if tail:
                 yield Text(tail)

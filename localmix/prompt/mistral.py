@@ -116,7 +116,7 @@ def parse_tool_calls(text: str, known: set[str] | None = None) -> list[dict]:
     if text.startswith("[TOOL_CALLS]"):
         text = text[len("[TOOL_CALLS]"):].strip()
     try:
-        data = json.loads(text)
+        data = json.loads(text, strict=False)  # a control character inside a string is still the model's call
     except json.JSONDecodeError as e:
         raise ToolCallError(f"the model's tool call is not valid JSON ({e.msg} at character {e.pos}): {text[:120]!r}") from None
     if isinstance(data, dict):

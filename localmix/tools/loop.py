@@ -58,7 +58,12 @@ def tool_round(backend: Backend, messages: list[dict], specs: list[dict] | None,
         else:
             done = event
     if specs and choice != "none" and done.stats.stop != "cancelled":
-        calls = find_calls("".join(pieces), native, forced(choice), {s["name"] for s in specs})
+        try:
+            calls = find_calls("".join(pieces), native, forced(choice), {s["name"] for s in specs})
+        except ToolCallError:
+            if done.stats.stop != "length":
+                raise
+            calls = []  # a call cut by the token limit: the round ends without one, and its Done says why
         if calls:
             yield ToolCalls(calls)
     yield done
@@ -91,6 +96,8 @@ def run_tools(backend: Backend | ChatBackend, messages: list[dict], toolset: Too
                 calls = event.calls
             else:
                 done = event
+        if forced(this) and not calls and done.stats.stop == "length":
+            raise ToolCallError(f"the model's tool call was cut at {sampling.max_tokens} tokens; allow more (--max-tokens)")
         if not calls or done.stats.stop == "cancelled":
             yield done
             return

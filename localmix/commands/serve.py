@@ -42,10 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _need_extra()
-    import uvicorn
-
     from ..errors import LocalmixError
-    from ..server.app import LOOPBACK_HOSTS, ServerConfig, make_app, model_for
     from .common import planned
 
     args.model = str(_model_path(args))
@@ -57,6 +54,19 @@ def run(args: argparse.Namespace) -> int:
                             "(or set LOCALMIX_API_KEY), or serve on 127.0.0.1")
     toolset = _server_tools(args.tools)
     sock = listen(args.host, args.port)
+    with contextlib.closing(sock):
+        failed = _serve(args, p, sock, key, local, toolset)
+    if failed:
+        raise failed[0]
+    return 0
+
+
+def _serve(args, p, sock, key: str | None, local: bool, toolset) -> list[BaseException]:
+    """Serve on `sock` until a signal (or a failed load) stops it; the load's failure, if any."""
+    import uvicorn
+
+    from ..server.app import LOOPBACK_HOSTS, ServerConfig, make_app, model_for
+
     host = _url_host(args.host)
     url = f"http://{host}:{sock.getsockname()[1]}/v1"
     model = model_for(p)
@@ -81,14 +91,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        sock.close()
         service.stop()
         loader.join()  # llama.cpp's load cannot be interrupted: the model is freed once it is in
         if service.idle.wait(STOP_WAIT) and model.backend is not None:  # never free the model under a generation
             model.backend.close()
-    if failed:
-        raise failed[0]
-    return 0
+    return failed
 
 
 def _need_extra() -> None:

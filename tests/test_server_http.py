@@ -18,6 +18,7 @@ import pytest
 
 from localmix.paths import models_dir
 from localmix.server.app import LOOPBACK_HOSTS, Model
+from tests.support.fake_backend import FakeBackend
 from tests.support.server import loaded, serving
 
 WEATHER = {"type": "function", "function": {
@@ -166,6 +167,20 @@ def test_body_size_is_bounded():
         r = conn.getresponse()
         assert r.status == 413 and is_error(json.loads(r.read()))
         conn.close()
+
+
+def test_a_failure_is_500_json_or_an_error_event_once_streaming():
+    """llama.cpp failing mid-reply (the scripted backend stands in for it; engine and app run for real)."""
+    model = Model("fake", aliases={"fake"}, state="ready", backend=FakeBackend(fail_after=3))
+    with serving(model) as url:
+        got = []
+        with pytest.raises(openai.APIError) as e:
+            for ch in client(url).chat.completions.create(model="fake", messages=QUESTION, stream=True):
+                got.append(ch.choices[0].delta.content or "")
+        assert "".join(got) == "reply 1 to" and "internal error" in e.value.message  # the words before it, then the error
+        status, _, body = post(url, {"model": "fake", "messages": QUESTION})
+        assert status == 500 and is_error(body) and "llama_decode" not in json.dumps(body)  # nothing of the server's insides
+        assert raw(url, "GET", "/health")[0] == 200
 
 
 # -- smol: words, the JSON tool protocol -------------------------------------------------------------------

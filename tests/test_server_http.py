@@ -290,6 +290,27 @@ def test_prompt_longer_than_the_context_is_400(smol_url, smol_model):
         client(smol_url).chat.completions.create(model=smol_model.name, messages=[{"role": "user", "content": long}], stream=True)
 
 
+def test_a_client_gone_during_the_prefill_cancels_it(smol_url, smol_model):
+    """A long prompt: the client leaves while it is being evaluated; the next request need not wait for it."""
+    def long(word: str) -> list[dict]:
+        return [{"role": "user", "content": f"{word} " + "lorem ipsum dolor " * 120}]  # about 850 tokens: seconds of prefill here
+
+    t0 = time.perf_counter()
+    client(smol_url).chat.completions.create(model=smol_model.name, messages=long("first"), max_tokens=1)
+    prefill = time.perf_counter() - t0
+    u = urlsplit(smol_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": smol_model.name, "messages": long("second"), "max_tokens": 1}),
+                 headers={"Content-Type": "application/json"})
+    time.sleep(min(0.3, prefill / 5))
+    conn.close()
+    t0 = time.perf_counter()
+    client(smol_url).chat.completions.create(model=smol_model.name, messages=QUESTION, max_tokens=1)
+    took = time.perf_counter() - t0
+    print(f"prefill {prefill:.2f} s, the next request after a cancelled one: {took:.2f} s")
+    assert took < prefill / 2, (took, prefill)
+
+
 # -- tiny v3: Mistral's native tool tokens; long generations to cut short ---------------------------------
 
 

@@ -94,6 +94,29 @@ def test_cancel_stops_a_reply_at_once(smol):
         b.close()
 
 
+def test_cancel_stops_the_prompt_being_evaluated(smol):
+    """A long prompt is evaluated in batches of 512 tokens; a cancel stops it within one (llama.cpp's abort
+    callback) instead of after all of them, and the KV cache stays coherent: the next reply, on the same
+    long prompt, is the one from an empty cache."""
+    b, _ = loaded(smol, ctx=2048)
+    b.load()
+    try:
+        long = [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 150}]
+        tokens = prompt.encode(b.info.prompt, b.tokenizer, long)
+        assert len(tokens) > 1400  # seconds of prefill on two cores
+        threading.Timer(0.1, b.cancel).start()
+        *texts, done = b.generate(tokens, Sampling(max_tokens=8, temperature=0))
+        assert done.stats.stop == "cancelled" and not texts
+        assert done.stats.prompt_tokens < len(tokens) - 512  # stopped with batches of the prompt left
+        text, stats = events(b, long, Sampling(max_tokens=8, temperature=0))
+        assert stats.stop != "cancelled"
+        b.engine.forget()
+        fresh, _ = events(b, long, Sampling(max_tokens=8, temperature=0))
+    finally:
+        b.close()
+    assert text == fresh  # the same batches either way (the cancel came between two), so the same logits
+
+
 def test_a_prompt_longer_than_the_context(smol):
     b, _ = loaded(smol, ctx=256)
     b.load()

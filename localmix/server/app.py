@@ -128,7 +128,7 @@ def sse(obj: object) -> bytes:
 
 # -- one generation -------------------------------------------------------------------------------------
 
-_END = object()
+_END, _WAKE = object(), object()
 
 
 class Generation:
@@ -149,6 +149,7 @@ class Generation:
         """From any thread: stop within a token."""
         self.cancelled = True
         self.backend.cancel()
+        self._put(_WAKE)  # the reader repeats the cancel from now on (see events)
 
     def _work(self) -> None:
         try:
@@ -167,14 +168,18 @@ class Generation:
     async def events(self) -> AsyncIterator[Delta | Finish]:
         """The answer's events until the thread has ended; a failure in it is raised here."""
         while True:
-            try:
-                item = await asyncio.wait_for(self.queue.get(), CANCEL_POLL)
-            except asyncio.TimeoutError:
-                if self.cancelled:  # again: a cancel that came before a generate() started was cleared by it
-                    self.backend.cancel()
-                continue
+            if not self.cancelled:
+                item = await self.queue.get()
+            else:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), CANCEL_POLL)
+                except asyncio.TimeoutError:
+                    self.backend.cancel()  # again: a cancel that came before a generate() started was cleared by it
+                    continue
             if item is _END:
                 return
+            if item is _WAKE:
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item

@@ -5,9 +5,11 @@
 Without GGUF it uses the demo model (built on first use). The server is `localmix serve` in a child
 process on 127.0.0.1 (port chosen by the system), as a user starts it.
 
-speed: `run --verbose`'s eval rate against the decode rate a streaming `openai` client sees (completion
-tokens after the first, over the time from the first content chunk to the last), greedy, same prompt;
-runs alternate, medians reported. Target: API >= 95% of run.
+speed: `run --verbose`'s eval rate against the decode rate a streaming client sees (completion tokens
+after the first, over the time from the first content chunk to the last), greedy, same prompt, through
+a plain HTTP reader (as curl or an editor reads the stream) and through the official `openai` client
+(whose own parsing runs in this process, on the same cores as the server); rounds rotate the order,
+medians reported. Target: API >= 95% of run.
 
 load: `--clients` threads, each sending streaming requests one after another until `--seconds` are up
 (every fourth one hangs up after two chunks, to exercise cancellation); every request must complete or
@@ -49,6 +51,31 @@ def run_speed(model: Path, max_tokens: int, env: dict) -> float:
          "--ctx", "2048", "--verbose"], capture_output=True, text=True, check=True, env=env,
     ).stderr
     return float(re.search(r"eval rate:\s+([0-9.]+) tokens/s", out.split("prompt eval rate")[1]).group(1))
+
+
+def raw_speed(url: str, model: str, max_tokens: int) -> float:
+    """The same through a plain HTTP reader (as curl or an editor reads a stream): the server's share alone."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "seed": 1,
+                       "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection(where.hostname, where.port)
+    conn.request("POST", f"{where.path}/chat/completions", body, {"Content-Type": "application/json"})
+    first = last = None
+    tokens = 0
+    for line in conn.getresponse():
+        if not line.startswith(b"data: {"):
+            continue
+        if b'"content":"' in line and b'"content":""' not in line:
+            last = time.perf_counter()
+            first = first or last
+        if b'"choices":[]' in line:
+            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    conn.close()
+    return (tokens - 1) / (last - first)
 
 
 def api_speed(client, max_tokens: int) -> float:
@@ -132,7 +159,7 @@ def load(client_factory, clients: int, seconds: float, pid: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", type=Path)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="rounds of the speed comparison")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=120)
@@ -160,17 +187,20 @@ def main() -> None:
         if "speed" in parts:
             client = client_factory()
             api_speed(client, 8)  # the server's first request warms what a first request warms
-            runs, apis = [], []
+            got: dict[str, list[float]] = {"run": [], "HTTP": [], "openai": []}
+            measure = {"run": lambda: run_speed(model, a.max_tokens, env),
+                       "HTTP": lambda: raw_speed(url, client.served, a.max_tokens),
+                       "openai": lambda: api_speed(client, a.max_tokens)}
+            order = list(measure)
             for i in range(a.runs):
-                for which in (("run", "api") if i % 2 == 0 else ("api", "run")):
-                    if which == "run":
-                        runs.append(run_speed(model, a.max_tokens, env))
-                    else:
-                        apis.append(api_speed(client, a.max_tokens))
-                    print(f"  {which}: {(runs if which == 'run' else apis)[-1]:.1f} tok/s", file=sys.stderr)
-            r, s = statistics.median(runs), statistics.median(apis)
-            print(f"speed, model {model.name}: run {r:.1f} tok/s, API {s:.1f} tok/s, API/run {s / r:.1%} "
-                  f"(runs {', '.join(f'{x:.1f}' for x in runs)}; API {', '.join(f'{x:.1f}' for x in apis)})")
+                for which in order[i % 3:] + order[:i % 3]:  # each in each position once every three rounds
+                    got[which].append(measure[which]())
+                    print(f"  {which}: {got[which][-1]:.1f} tok/s", file=sys.stderr)
+            r = statistics.median(got["run"])
+            print(f"speed, model {model.name}, {a.runs} rounds (medians): run {r:.1f} tok/s; "
+                  + "; ".join(f"API through {k} {statistics.median(v):.1f} tok/s ({statistics.median(v) / r:.1%} of run)"
+                              for k, v in got.items() if k != "run")
+                  + "; all: " + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in got.items()))
         if "load" in parts:
             t0 = time.perf_counter()
             out = load(client_factory, a.clients, a.seconds, proc.pid)

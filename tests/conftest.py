@@ -94,3 +94,23 @@ def tiny_split(tiny_gguf, tmp_path_factory) -> list[Path]:
     names = [t.name for t in gguf.GGUFReader(src).tensors]
     folder = tmp_path_factory.mktemp("split")
     return split_copy(src, folder / "tiny-mixtral-Q4_K_M.gguf", first_part_tensors=names.index("blk.1.ffn_gate_exps.weight"))
+
+
+@pytest.fixture(scope="module")
+def smol_model(smol):
+    """The smol model loaded for one test module's servers, with a 1024-token context (a long message
+    overflows it): a server.app.Model (tests/support/server.py)."""
+    from tests.support.server import loaded
+
+    model = loaded(smol, ctx=1024)
+    yield model
+    model.backend.close()
+
+
+@pytest.fixture(scope="module")
+def smol_url(smol_model):
+    """The base URL of a real localmix server on 127.0.0.1 serving `smol_model`."""
+    from tests.support.server import serving
+
+    with serving(smol_model) as url:
+        yield url

@@ -10,23 +10,18 @@ import pytest
 from localmix.app.chat import ChatApp, MessageView, PromptInput
 from localmix.commands.chat import make_server_prepare
 from localmix.store import Store
-from tests.support.server import loaded, serving
 
 CTX = 1024
 
 
 @pytest.fixture(scope="module")
-def model(smol):
-    """The smol model loaded once for the module's servers (a small context: a long message overflows it)."""
-    m = loaded(smol, ctx=CTX)
-    yield m
-    m.backend.close()
+def model(smol_model):
+    return smol_model  # conftest: smol loaded with a 1024-token context, for this module
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    with serving(model) as url:
-        yield url
+def server(smol_url):
+    return smol_url
 
 
 def make_app(tmp_path, url):

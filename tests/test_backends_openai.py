@@ -15,7 +15,7 @@ from localmix.backends.openai import Calls, OpenAIBackend, openai_message, reque
 from localmix.errors import LocalmixError, ToolCallError
 from localmix.reply import reply
 from localmix.tools import ToolSet, from_function, tool
-from tests.support.server import loaded, serving
+from tests.support.server import serving
 
 GREEDY = Sampling(max_tokens=24, temperature=0.0, seed=7)
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
@@ -87,17 +87,13 @@ CTX = 1024
 
 
 @pytest.fixture(scope="module")
-def model(smol):
-    """The smol model loaded once for the module's servers (a small context: a long message overflows it)."""
-    m = loaded(smol, ctx=CTX)
-    yield m
-    m.backend.close()
+def model(smol_model):
+    return smol_model  # conftest: smol loaded with a 1024-token context, for this module
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    with serving(model) as url:
-        yield url
+def server(smol_url):
+    return smol_url
 
 
 def connected(url, **kw) -> OpenAIBackend:

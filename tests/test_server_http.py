@@ -32,23 +32,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 @pytest.fixture(scope="module")
-def smol_model(smol):
-    model = loaded(smol)
-    yield model
-    model.backend.close()
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tiny_gguf):
     model = loaded(tiny_gguf("Q4_K_M"), ctx=4096)
     yield model
     model.backend.close()
-
-
-@pytest.fixture(scope="module")
-def smol_url(smol_model):
-    with serving(smol_model) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

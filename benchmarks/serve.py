@@ -152,7 +152,8 @@ def load(client_factory, clients: int, seconds: float, pid: int) -> dict:
     tenth = max(1, len(rss) // 10)
     first = statistics.median(r for _, r in rss[:tenth])
     last = statistics.median(r for _, r in rss[-tenth:])
-    return {"outcomes": dict(outcomes), "errors": errors[:5], "rss_first": first, "rss_last": last,
+    tenths = [statistics.median(r for _, r in rss[k * tenth:(k + 1) * tenth]) for k in range(len(rss) // tenth)]
+    return {"outcomes": dict(outcomes), "errors": errors[:5], "rss_first": first, "rss_last": last, "tenths": tenths,
             "rss_max": max(r for _, r in rss), "alive": proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE}
 
 
@@ -208,6 +209,7 @@ def main() -> None:
             print(f"load, {a.clients} streaming clients for {a.seconds:.0f} s (queue {a.queue}), {time.perf_counter() - t0:.0f} s: "
                   f"{out['outcomes']}; server RSS {out['rss_first'] / mib:.0f} MiB first tenth, {out['rss_last'] / mib:.0f} MiB "
                   f"last tenth, {out['rss_max'] / mib:.0f} MiB max; server alive: {out['alive']}")
+            print(f"  server RSS by tenths of the run (MiB): {', '.join(f'{r / mib:.0f}' for r in out['tenths'])}")
             for e in out["errors"]:
                 print(f"  error: {e}")
     finally:

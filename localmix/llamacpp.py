@@ -188,6 +188,13 @@ class Perf:
     gen_seconds: float
 
 
+def _c_strlen() -> int:
+    """The address of C's strlen: as an abort callback (bool (*)(void *)) on a 2-byte buffer it returns 0
+    or 1, the flag in the buffer, in the register where every ABI llama.cpp runs on returns a bool."""
+    libc = ctypes.cdll.msvcrt if sys.platform == "win32" else ctypes.CDLL(None)
+    return ctypes.cast(libc.strlen, ctypes.c_void_p).value
+
+
 class Engine:
     """A model loaded by llama.cpp, with its context: tokenize, evaluate, sample."""
 
@@ -195,13 +202,23 @@ class Engine:
         self.llm = llm
         self._keepalive = keepalive  # ctypes arrays and callbacks llama.cpp holds pointers to
         self.log = log or []  # llama.cpp's log lines while loading (tensor overrides are listed there)
-        self._aborting = False
+        # The abort flag llama.cpp reads between the steps of a decode (a long prompt stops within one):
+        # "" or "1" in a C buffer, read by C's strlen, so that no Python runs inside the decode (a Python
+        # callback there would take the GIL at every step, and a Ctrl-C raised inside it would be lost).
+        self._abort_flag = ctypes.create_string_buffer(2)
         if getattr(llm, "_ctx", None) is not None:  # a vocabulary alone has no context to abort
             import llama_cpp
 
-            # llama.cpp asks between the steps of a decode: a long prompt stops within one, not at its end
-            self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: self._aborting)
-            llama_cpp.llama_set_abort_callback(llm._ctx.ctx, self._abort_cb, None)
+            self._abort_cb = llama_cpp.ggml_abort_callback(_c_strlen())
+            llama_cpp.llama_set_abort_callback(llm._ctx.ctx, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p))
+
+    @property
+    def _aborting(self) -> bool:
+        return self._abort_flag.value != b""
+
+    @_aborting.setter
+    def _aborting(self, on: bool) -> None:
+        self._abort_flag.value = b"1" if on else b""
 
     def abort(self) -> None:
         """Stop the evaluation under way (from any thread): sample() then ends as if the caller stopped."""

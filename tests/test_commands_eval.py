@@ -94,7 +94,7 @@ def test_ctrl_c_while_the_reference_is_computed_leaves_no_cache(tiny_gguf, tmp_p
         pytest.fail("the reference cache was never written")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(cache_folder().iterdir()) == []
 

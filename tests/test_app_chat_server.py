@@ -11,18 +11,6 @@ from localmix.app.chat import ChatApp, MessageView, PromptInput
 from localmix.commands.chat import make_server_prepare
 from localmix.store import Store
 
-CTX = 1024
-
-
-@pytest.fixture(scope="module")
-def model(smol_model):
-    return smol_model  # conftest: smol loaded with a 1024-token context, for this module
-
-
-@pytest.fixture(scope="module")
-def server(smol_url):
-    return smol_url
-
 
 def make_app(tmp_path, url):
     store = Store(tmp_path / "chats.sqlite3")
@@ -50,8 +38,8 @@ def status(app) -> str:
 
 
 @pytest.mark.anyio
-async def test_a_reply_from_the_server_is_shown_and_saved(tmp_path, server):
-    app, store = make_app(tmp_path, server)
+async def test_a_reply_from_the_server_is_shown_and_saved(tmp_path, smol_url):  # conftest: a real server, ctx 1024
+    app, store = make_app(tmp_path, smol_url)
     async with app.run_test(size=(120, 30)) as pilot:
         await wait_idle(pilot)
         assert app.backend is not None, app.load_error
@@ -62,7 +50,7 @@ async def test_a_reply_from_the_server_is_shown_and_saved(tmp_path, server):
         assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].content.strip() and msgs[1].complete
         views = list(app.query(MessageView))
         assert [v.role for v in views] == ["user", "assistant"] and views[1].content_text().strip()
-        port = server.rsplit(":", 1)[1].strip("/")
+        port = smol_url.rsplit(":", 1)[1].strip("/")
         text = status(app)
         assert f"server 127.0.0.1:{port} · " in text and "CPU" in text  # where it runs, and the server's split
         assert app.model_label == app.backend.model and app.backend.model in text
@@ -71,8 +59,8 @@ async def test_a_reply_from_the_server_is_shown_and_saved(tmp_path, server):
 
 
 @pytest.mark.anyio
-async def test_a_server_error_is_a_line_in_the_app(tmp_path, server):
-    app, store = make_app(tmp_path, server)
+async def test_a_server_error_is_a_line_in_the_app(tmp_path, smol_url):
+    app, store = make_app(tmp_path, smol_url)
     async with app.run_test(size=(120, 30)) as pilot:
         await wait_idle(pilot)
         too_long = "word " * (app.backend.ctx + 100)  # more tokens than the server's context holds

@@ -60,12 +60,18 @@ def openai_message(m: dict) -> dict:
         return {"role": "tool", "tool_call_id": m["tool_call_id"], "content": m.get("content", "")}
     out = {"role": m["role"], "content": m.get("content", "")}
     if m.get("tool_calls"):
-        out["tool_calls"] = [{"id": c["id"], "type": "function",
-                              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                             for c in m["tool_calls"]]
+        out["tool_calls"] = openai_tool_calls(m["tool_calls"])
         if not out["content"]:
             del out["content"]  # OpenAI: content may be left out of a message that calls tools
     return out
+
+
+def openai_tool_calls(calls: list[dict], *, indexed: bool = False) -> list[dict]:
+    """localmix calls as OpenAI's tool_calls (arguments as JSON text); `indexed`: with each call's
+    "index", as a stream's delta carries them."""
+    return [{**({"index": k} if indexed else {}), "id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for k, c in enumerate(calls)]
 
 
 def tool_choice(choice: str) -> str | dict:

@@ -45,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import LocalmixError
     from .common import planned
 
-    args.model = str(_model_path(args))
-    p = planned(args)
     key = args.api_key or os.environ.get("LOCALMIX_API_KEY") or None
     local = is_loopback(args.host)
-    if not local and not key:
+    if not local and not key:  # before anything is read or built
         raise LocalmixError(f"--host {args.host} can be reached from other machines: give an --api-key "
                             "(or set LOCALMIX_API_KEY), or serve on 127.0.0.1")
     toolset = _server_tools(args.tools)
+    args.model = str(_model_path(args))
+    p = planned(args)
     sock = listen(args.host, args.port)
     with contextlib.closing(sock):
         failed = _serve(args, p, sock, key, local, toolset)
@@ -127,7 +127,7 @@ def _model_path(args):
         return models[0]
     from ..demo import ensure_demo
 
-    with _progress("Building the demo model (first run only)") as update:
+    with _progress("Building the demo model (first run only)", eager=False) as update:
         return ensure_demo(update)
 
 
@@ -183,7 +183,7 @@ def _server_tools(files):
 
 
 @contextlib.contextmanager
-def _progress(description: str):
+def _progress(description: str, *, eager: bool = True):
     """A progress bar on stderr (a line when it is not a terminal); yields update(fraction)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -191,9 +191,14 @@ def _progress(description: str):
     from ..text import markup
 
     console = Console(stderr=True)
-    if not console.is_terminal:
-        print(f"localmix serve: {description}", file=sys.stderr, flush=True)
-        yield lambda fraction: None
+    if not console.is_terminal:  # one line; not eager: once there is progress (a demo already built reports none)
+        said = [] if not eager else [print(f"localmix serve: {description}", file=sys.stderr, flush=True)]
+
+        def say(fraction: float) -> None:
+            if not said:
+                said.append(print(f"localmix serve: {description}", file=sys.stderr, flush=True))
+
+        yield say
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                    console=console, transient=True)

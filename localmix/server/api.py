@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends import Sampling
+from ..backends.openai import openai_tool_calls  # OpenAI's shape of a call, as the client sends it too
 from ..errors import LocalmixError
 from ..tools.grammar import ANY_JSON_OBJECT, MAX_DEPTH, check_schema
 
@@ -401,14 +402,6 @@ def usage(finish) -> dict:
     return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
             "total_tokens": finish.prompt_tokens + finish.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": finish.cached_tokens}}
-
-
-def openai_tool_calls(calls: list[dict], *, indexed: bool = False) -> list[dict]:
-    """localmix calls as OpenAI's tool_calls (arguments as JSON text); `indexed`: with each call's
-    "index", as a stream's delta carries them."""
-    return [{**({"index": k} if indexed else {}), "id": c["id"], "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for k, c in enumerate(calls)]
 
 
 def completion(id: str, created: int, model: str, finish) -> dict:

@@ -28,7 +28,7 @@ from ..errors import ContextFull, LocalmixError, TemplateError, ToolCallError
 from ..prompt.mistral import new_call_id
 from ..tools import ToolSet
 from ..tools.grammar import grammar_for, validate
-from ..tools.loop import MAX_ROUNDS, tool_round
+from ..tools.loop import MAX_ROUNDS, forced, tool_round
 from .api import ApiError, ChatRequest
 
 CALL_MARK = "[TOOL_CALLS]"
@@ -85,10 +85,6 @@ def may_be_call(text: str, native: bool) -> bool:
     started; in the JSON protocol, nothing yet or an opening "{" (its words never start with one)."""
     s = text.lstrip()
     return (CALL_MARK.startswith(s) or s.startswith(CALL_MARK)) if native else (not s or s.startswith("{"))
-
-
-def forced(choice: str) -> bool:
-    return choice not in ("auto", "none")
 
 
 @dataclass

@@ -176,7 +176,8 @@ def test_streamed_reply_is_the_servers_reply(server):
     from openai import OpenAI
 
     backend = connected(server)
-    events = list(backend.chat(ASK, None, "auto", GREEDY))
+    list(backend.chat(ASK, None, "auto", GREEDY))  # the prompt is cached from here on: both below start from one state
+    events = list(backend.chat(ASK, None, "auto", GREEDY))  # (a prompt evaluated whole or from the cache may break a near-tie apart)
     assert isinstance(events[-1], Done) and all(isinstance(e, Text) for e in events[:-1])
     client = OpenAI(base_url=f"{server}/v1", api_key="none")
     answer = client.chat.completions.create(model=backend.model, messages=ASK, max_tokens=24, temperature=0.0, seed=7)

@@ -36,3 +36,8 @@ class ContextFull(LocalmixError):
 
 class ToolCallError(LocalmixError):
     """The model's tool call cannot be read, or the call-and-answer loop did not end in an answer."""
+
+
+class WorkerError(LocalmixError):
+    """A worker (`--rpc HOST:PORT`) that is not running, cannot be reached, speaks another RPC protocol
+    version, or stopped answering during a load or a reply."""

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from quantize.errors import Error
 
 from ..backends import Backend
-from ..errors import ContextFull, TemplateError, ToolCallError
+from ..errors import ContextFull, TemplateError, ToolCallError, WorkerError
 from ..tools import ToolSet
 from .api import ApiError, ChatRequest, chunk, closing_chunks, completion, model_object, new_id, parse_chat_request, usage_chunk
 from .engine import Delta, Finish, answer
@@ -105,6 +105,9 @@ FAILURES = (
     (ContextFull, 400, "invalid_request_error", "context_length_exceeded"),
     (TemplateError, 400, "invalid_request_error", "template_error"),
     (ToolCallError, 500, "server_error", "tool_call_error"),
+    # a worker (--rpc) stopped answering: the upstream failed, this request with it; the next one starts the
+    # model's process again (backends/isolated.py), so the server goes on
+    (WorkerError, 502, "server_error", "worker_error"),
     (Error, 500, "server_error", None),
 )
 

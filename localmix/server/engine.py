@@ -15,7 +15,8 @@ calls read back). What the client sees of it:
   the grammar should make impossible, is ApiError(500) after the Deltas); with tools on offer, words
   from a round with tools are dropped and the answer generated again under the grammar.
 Request errors (prompt longer than the context, a template that rejects the conversation, a schema the
-grammar cannot enforce) are ApiError(400) raised before any Delta."""
+grammar cannot enforce) are ApiError(400) raised before any Delta; a worker that stops answering (WorkerError) is not one: the HTTP
+layer answers it as the server's failure."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .. import prompt
 from ..backends import Backend, Done, Sampling, Stats, Text, ToolCalls
-from ..errors import ContextFull, LocalmixError, TemplateError, ToolCallError
+from ..errors import ContextFull, LocalmixError, TemplateError, ToolCallError, WorkerError
 from ..prompt.mistral import new_call_id
 from ..tools import ToolSet
 from ..tools.grammar import grammar_for, validate
@@ -128,7 +129,7 @@ def _request_errors(fn):
     def wrapped(*args, **kwargs):
         try:
             return (yield from fn(*args, **kwargs))
-        except ApiError:
+        except (ApiError, WorkerError):  # a worker that stopped is the server's failure, not the request's
             raise
         except ContextFull as e:
             raise ApiError(400, f"{e}: shorten the conversation", param="messages", code="context_length_exceeded") from None

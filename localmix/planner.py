@@ -7,6 +7,11 @@ GPU first. Of an expert tensor only n_expert_used / n_expert is read per token, 
 expert tensor, so each byte of experts moved to the GPU saves the same time: the best placement puts as
 many expert bytes on the GPU as fit. The planner starts from the best whole-layer split
 (llama.cpp's `--n-cpu-moe N`) and then fills what is left tensor by tensor, so it never does worse.
+
+Workers (llama.cpp's RPC backend: other computers' RAM or VRAM) take the experts that would stay in local
+RAM, by whole layers: each layer placed there costs one network hop per token (the FFN's input there, its
+result back), so a layer goes to a worker when local RAM cannot hold it or when hop + reading it there is
+quicker than reading it here. The graph runs one split after another: nothing overlaps, times add up.
 """
 
 from __future__ import annotations
@@ -30,6 +35,39 @@ GPU_LAYER_OVERHEAD = 80e-6
 CPU_LAYER_OVERHEAD = 200e-6
 SPLIT_LAYER_OVERHEAD = 60e-6  # a layer whose experts run on the CPU: activations go to the host and back
 
+# Networks for --rpc-network: (hop_seconds, bytes/s). A hop is one round trip of a layer's activations
+# plus the worker's dispatch of its graph split (ggml-rpc's GRAPH_RECOMPUTE: waking its threads, ~50-100
+# us). Typical TCP round trips: loopback 20-50 us; 10 GbE 50-100 us (NIC interrupt moderation dominates);
+# 1 GbE 150-300 us on one switch. Bandwidth: TCP payload of the link (10 Gb/s and 1 Gb/s less framing,
+# about 94%); loopback is a kernel memcpy, a few GB/s. `localmix` measures a real link instead when it can.
+NETWORKS = {
+    "loopback": (100e-6, 3e9),
+    "10gbe": (200e-6, 1.17e9),
+    "1gbe": (350e-6, 117e6),
+}
+# ggml-rpc's bytes per hop beside the activations: each of the 3 inputs (SET_TENSOR) and the output
+# (GET_TENSOR) carries a 296-byte rpc_tensor, 9 bytes of command header and an offset/size; plus the
+# GRAPH_RECOMPUTE request and the response's size. About 1.3 KB.
+HOP_MESSAGE_BYTES = 4 * (296 + 9 + 16) + 13 + 8
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One device of one worker, as the planner sees it."""
+
+    endpoint: str  # host:port
+    device: int = 0  # index on the worker (a localmix worker lists its GPUs first and its CPU last)
+    kind: str = "cpu"  # "cpu" (its RAM) | "gpu"
+    memory: int = 0  # bytes the planner may use there
+    bandwidth: float = 50e9  # bytes/s decode reads there
+    hop_seconds: float = 300e-6  # a layer's activations there and back: round trip + the worker's dispatch
+    link_bandwidth: float = 125e6  # bytes/s of the network between
+
+    @property
+    def name(self) -> str:
+        """llama.cpp's buffer-type name, as `-ot PATTERN=NAME` spells it."""
+        return f"RPC{self.device}[{self.endpoint}]"
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -40,6 +78,7 @@ class Budget:
     pcie_bandwidth: float = 24e9
     gpu_flops: float = 50e12
     cpu_flops: float = 0.5e12
+    remotes: tuple[Remote, ...] = ()  # workers' devices the planner may put experts on
 
 
 @dataclass(frozen=True)
@@ -52,6 +91,10 @@ class Plan:
     decode_tps: float = 0.0
     prefill_tps: float = 0.0
     label: str = "auto"
+    remote: dict = field(default_factory=dict)  # Remote.name -> expert tensor names placed there
+    remotes: tuple[Remote, ...] = ()  # the Remotes used, in the order of `remote`
+    remote_memory: dict = field(default_factory=dict)  # Remote.name -> bytes of weights there
+    rpc_devices: tuple[tuple[str, int], ...] = ()  # each endpoint used and its device count (for llama-server's -ts)
 
     @property
     def vram_total(self) -> int:
@@ -76,21 +119,43 @@ def compute_bytes(m: ModelInfo, ubatch: int = 512) -> int:
     return int(4 * ubatch * (m.n_vocab + widest)) + 64 * MiB
 
 
-def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, ubatch: int = 512) -> tuple[float, float]:
-    """(decode, prefill) tokens per second for a placement."""
+def hop_bytes(m: ModelInfo) -> int:
+    """Bytes sent per token for one layer whose experts are on a worker, both ways: the FFN's input
+    (n_embd f32) and the router's top-k expert ids (int32) and weights (f32) there, the result (n_embd f32)
+    back, and ggml-rpc's messages around them."""
+    return 4 * m.n_embd + 8 * m.n_expert_used + 4 * m.n_embd + HOP_MESSAGE_BYTES
+
+
+def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, ubatch: int = 512,
+            remote: dict | None = None) -> tuple[float, float]:
+    """(decode, prefill) tokens per second for a placement (`remote`: Remote.name -> tensor names)."""
     gpu_bytes = cpu_bytes = 0.0
     active_params = 0.0
     cpu_expert_bytes = 0
+    where = _remote_of(b, remote)
+    t_remote = t_remote_batch = 0.0
+    hops: set[tuple[int, str]] = set()
     for t in m.tensors:
         share = m.read_fraction(t)
-        if reads_on_gpu(m, t, gpu, n_gpu_layers):
+        r = where.get(t.name)
+        if r is not None:
+            t_remote += t.nbytes * share / r.bandwidth
+            t_remote_batch += 2 * t.n_elements * share / b.cpu_flops  # the worker computes them (a CPU like this one)
+            hops.add((t.layer, r.name))
+        elif reads_on_gpu(m, t, gpu, n_gpu_layers):
             gpu_bytes += t.nbytes * share
         else:
             cpu_bytes += t.nbytes * share
             if t.role == "expert":
                 cpu_expert_bytes += t.nbytes
-        active_params += t.n_elements * share
-    t_decode = (
+        if r is None:
+            active_params += t.n_elements * share
+    remotes = {r.name: r for r in where.values()}
+    hop = [remotes[name] for _, name in hops]
+    t_remote += sum(r.hop_seconds + hop_bytes(m) / r.link_bandwidth for r in hop)
+    # A micro-batch sends ubatch tokens' activations in one hop per layer.
+    t_remote_batch += sum(r.hop_seconds / ubatch + hop_bytes(m) / r.link_bandwidth for r in hop)
+    t_decode = t_remote + (
         (gpu_bytes / b.gpu_bandwidth if gpu_bytes else 0.0)
         + cpu_bytes / b.cpu_bandwidth
         + n_gpu_layers * GPU_LAYER_OVERHEAD
@@ -104,7 +169,13 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
         t_prefill = t_batch / ubatch
     else:
         t_prefill = flops / b.cpu_flops
-    return 1.0 / t_decode, 1.0 / t_prefill
+    return 1.0 / t_decode, 1.0 / (t_prefill + t_remote_batch)
+
+
+def _remote_of(b: Budget, remote: dict | None) -> dict[str, Remote]:
+    """Tensor name -> the Remote it is placed on."""
+    by_name = {r.name: r for r in b.remotes}
+    return {n: by_name[name] for name, names in (remote or {}).items() for n in names}
 
 
 def output_copy(m: ModelInfo, n_gpu_layers: int) -> int:
@@ -122,8 +193,8 @@ def reads_on_gpu(m: ModelInfo, t: Tensor, gpu: frozenset[str], n_gpu_layers: int
 
 
 def split_layers(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int) -> set[int]:
-    """Offloaded layers whose experts (some or all) run on the CPU: each token's activations go to the
-    host and back there. llama.cpp offloads the last n_gpu_layers layers."""
+    """Offloaded layers whose experts (some or all) run on the CPU or a worker: each token's activations
+    go to the host and back there. llama.cpp offloads the last n_gpu_layers layers."""
     first = _layer_offset(m, n_gpu_layers)
     return {t.layer for t in m.tensors if t.role == "expert" and t.name not in gpu and t.layer >= first}
 
@@ -132,17 +203,25 @@ def _layer_offset(m: ModelInfo, n_gpu_layers: int) -> int:
     return m.n_layer - n_gpu_layers  # llama.cpp offloads the last n_gpu_layers layers
 
 
-def _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, label) -> Plan:
+def _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, label, remote: dict | None = None) -> Plan:
     gpu = frozenset(gpu)
+    remote = {name: tuple(names) for name, names in (remote or {}).items() if names}
+    elsewhere = {n for names in remote.values() for n in names}
     first = _layer_offset(m, n_gpu_layers)
-    cpu_experts = tuple(t.name for t in m.tensors if t.role == "expert" and t.layer >= first and t.name not in gpu)
+    cpu_experts = tuple(t.name for t in m.tensors
+                        if t.role == "expert" and t.layer >= first and t.name not in gpu and t.name not in elsewhere)
     gpu_weights = sum(t.nbytes for t in m.tensors if t.name in gpu)
+    remote_memory = {name: _bytes(m, names) for name, names in remote.items()}
     kv_gpu = kv_cache_bytes(m, ctx, kv_type, n_gpu_layers)
     vram = {"weights": gpu_weights + output_copy(m, n_gpu_layers), "kv_cache": kv_gpu, "compute": compute_bytes(m, ubatch),
             "reserve": RESERVE} if n_gpu_layers else {}
-    ram = {"weights": m.weight_bytes - gpu_weights, "kv_cache": kv_cache_bytes(m, ctx, kv_type) - kv_gpu}
-    decode, prefill = predict(m, gpu, n_gpu_layers, b, ubatch)
-    return Plan(gpu, n_gpu_layers, cpu_experts, vram, ram, decode, prefill, label)
+    ram = {"weights": m.weight_bytes - gpu_weights - sum(remote_memory.values()), "kv_cache": kv_cache_bytes(m, ctx, kv_type) - kv_gpu}
+    decode, prefill = predict(m, gpu, n_gpu_layers, b, ubatch, remote)
+    by_name = {r.name: r for r in b.remotes}
+    used = tuple(by_name[name] for name in remote)
+    endpoints = dict.fromkeys(r.endpoint for r in used)
+    rpc_devices = tuple((e, 1 + max(r.device for r in b.remotes if r.endpoint == e)) for e in endpoints)
+    return Plan(gpu, n_gpu_layers, cpu_experts, vram, ram, decode, prefill, label, remote, used, remote_memory, rpc_devices)
 
 
 def _dense_gpu(m: ModelInfo, n_gpu_layers: int) -> set[str]:
@@ -210,9 +289,62 @@ def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int = 
                 gpu.add(t.name)
                 left -= t.nbytes
     p = _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, "auto")
+    if b.remotes:
+        remote = place_remote(m, b, p)
+        p = _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, "auto", remote)
     if p.ram_total > b.ram:
         raise DoesNotFit(_no_fit_message(m, b, ctx, kv_type, p))
     return p
+
+
+def remote_gain(m: ModelInfo, b: Budget, r: Remote, tensors: list[Tensor]) -> float:
+    """Seconds per token saved by reading `tensors` (one layer's) on worker device r instead of local RAM
+    (negative: slower there)."""
+    read = sum(t.nbytes * m.read_fraction(t) for t in tensors)
+    return read / b.cpu_bandwidth - (r.hop_seconds + hop_bytes(m) / r.link_bandwidth + read / r.bandwidth)
+
+
+def place_remote(m: ModelInfo, b: Budget, local: Plan) -> dict[str, list[str]]:
+    """Remote.name -> expert tensors moved there from local RAM, by whole layers: first every layer that
+    is quicker on a worker, then, while local RAM is over budget, the layers that cost least there."""
+    layers: dict[int, list[Tensor]] = {}
+    for t in m.tensors:
+        if t.role == "expert" and t.name not in local.gpu:
+            layers.setdefault(t.layer, []).append(t)
+    free = {r.name: r.memory for r in b.remotes}
+    out: dict[str, list[str]] = {}
+
+    def best(tensors) -> tuple[float, Remote] | None:
+        size = sum(t.nbytes for t in tensors)
+        fits = [(remote_gain(m, b, r, tensors), r) for r in b.remotes if free[r.name] >= size]
+        return max(fits, key=lambda x: x[0]) if fits else None
+
+    def move(layer: int, r: Remote) -> None:
+        tensors = layers.pop(layer)
+        free[r.name] -= sum(t.nbytes for t in tensors)
+        out.setdefault(r.name, []).extend(t.name for t in tensors)
+
+    for layer in sorted(layers):  # quicker there
+        choice = best(layers[layer])
+        if choice and choice[0] > 0:
+            move(layer, choice[1])
+    over = local.ram_total - sum(_bytes(m, names) for names in out.values()) - b.ram
+    # Too big for RAM: the layers that lose least, the largest first (fewest hops for the bytes).
+    for layer in sorted(layers, key=lambda x: (-remote_cost(m, b, layers[x]), x)):
+        if over <= 0:
+            break
+        choice = best(layers[layer])
+        if choice:
+            over -= sum(t.nbytes for t in layers[layer])
+            move(layer, choice[1])
+    return out
+
+
+def remote_cost(m: ModelInfo, b: Budget, tensors: list[Tensor]) -> float:
+    """Sort key for RAM relief: a layer's bytes per second lost if the best worker takes it."""
+    size = sum(t.nbytes for t in tensors)
+    loss = -max((remote_gain(m, b, r, tensors) for r in b.remotes), default=0.0)
+    return size / max(loss, 1e-9)
 
 
 def _no_fit_message(m: ModelInfo, b: Budget, ctx: int, kv_type: str, p: Plan) -> str:
@@ -230,11 +362,22 @@ def _no_fit_message(m: ModelInfo, b: Budget, ctx: int, kv_type: str, p: Plan) ->
     target_bpw = bpw * (1 - need / max(1, m.weight_bytes))
     if target_bpw > 2.5:
         hints.append(f"a smaller quantization (about {target_bpw:.1f} bits per weight instead of {bpw:.1f})")
+    if b.remotes:
+        hints.append("another worker (--rpc)")
     hint = "; try " + " or ".join(hints) if hints else "; it needs a machine with more memory"
+    if not b.remotes:
+        return (
+            f"{m.name} does not fit: it needs {fmt_bytes(p.vram_total + p.ram_total)} "
+            f"({fmt_bytes(p.ram_total)} in RAM after {fmt_bytes(p.vram_total)} on the GPU), "
+            f"but the budget is {fmt_bytes(b.vram)} VRAM + {fmt_bytes(b.ram)} RAM{hint}"
+        )
+    there = sum(p.remote_memory.values())
+    workers = len({r.endpoint for r in b.remotes})
     return (
-        f"{m.name} does not fit: it needs {fmt_bytes(p.vram_total + p.ram_total)} "
-        f"({fmt_bytes(p.ram_total)} in RAM after {fmt_bytes(p.vram_total)} on the GPU), "
-        f"but the budget is {fmt_bytes(b.vram)} VRAM + {fmt_bytes(b.ram)} RAM{hint}"
+        f"{m.name} does not fit: it needs {fmt_bytes(p.vram_total + p.ram_total + there)} "
+        f"({fmt_bytes(p.ram_total)} in RAM after {fmt_bytes(p.vram_total)} on the GPU and {fmt_bytes(there)} on workers), "
+        f"but the budget is {fmt_bytes(b.vram)} VRAM + {fmt_bytes(b.ram)} RAM + {fmt_bytes(sum(r.memory for r in b.remotes))} "
+        f"on {workers} worker{'s' if workers > 1 else ''}{hint}"
     )
 
 
@@ -246,19 +389,38 @@ def gpu_layers_arg(m: ModelInfo, p: Plan) -> int:
 def llama_args(m: ModelInfo, p: Plan) -> list[str]:
     """The same placement as llama.cpp command-line flags, for llama-server or llama-cli."""
     args = ["-ngl", str(gpu_layers_arg(m, p))]
+    if p.remote:
+        args += ["--rpc", ",".join(e for e, _ in p.rpc_devices)]
+        if p.n_gpu_layers:
+            # RPC devices count as GPUs, listed before the local ones (llama_model_load adds them at the
+            # front): a zero share each keeps the layers local, and only the overrides go to the workers.
+            args += ["-ts", ",".join(["0"] * sum(n for _, n in p.rpc_devices) + ["1"])]
     for pattern in override_patterns(p):
         args += ["-ot", f"{pattern}=CPU"]
+    for (endpoint, device), patterns in remote_patterns(p).items():
+        args += [x for pattern in patterns for x in ("-ot", f"{pattern}=RPC{device}[{endpoint}]")]
     return args
 
 
-def override_patterns(p: Plan) -> list[str]:
-    """Regular expressions (matched by llama.cpp with std::regex_search) naming the CPU-pinned experts:
-    one per expert kind, listing its layers."""
+def _patterns(names) -> list[str]:
+    """Regular expressions (matched by llama.cpp with std::regex_search) naming exactly these expert
+    tensors: one per expert kind, listing its layers."""
     groups: dict[str, list[int]] = {}
-    for name in p.cpu_experts:
+    for name in names:
         _, layer, kind, _ = name.split(".")
         groups.setdefault(kind, []).append(int(layer))
     return [
         rf"^blk\.({'|'.join(str(x) for x in sorted(layers))})\.{kind}\.weight$"
         for kind, layers in sorted(groups.items())
     ]
+
+
+def override_patterns(p: Plan) -> list[str]:
+    """The CPU-pinned experts' patterns."""
+    return _patterns(p.cpu_experts)
+
+
+def remote_patterns(p: Plan) -> dict[tuple[str, int], list[str]]:
+    """(endpoint, device on the worker) -> patterns of the experts placed there (Engine.load's rpc_patterns)."""
+    by_name = {r.name: r for r in p.remotes}
+    return {(by_name[name].endpoint, by_name[name].device): _patterns(names) for name, names in p.remote.items()}

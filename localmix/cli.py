@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": ("eval", "measure how far a quantized GGUF drifts from its reference (KL divergence, as llama-perplexity)"),
     "info": ("info", "show what a model holds and how it would run here"),
     "rm": ("rm", "remove a model from the store"),
+    "worker": ("worker", "serve this machine's CPU and GPUs to other localmix instances (their --rpc HOST:PORT)"),
 }
 
 

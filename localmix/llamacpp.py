@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from .errors import ModelFileError
+from .errors import ModelFileError, WorkerError
 from .text import shown
 
 GGML_DEVICE_TYPE_CPU, GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU = 0, 1, 2
@@ -71,6 +71,86 @@ def cpu_buffer_type() -> int:
     """llama.cpp's host-memory buffer type, the value a `tensor_buft_overrides` entry names for "CPU"."""
     g = libggml()
     return g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_by_type(GGML_DEVICE_TYPE_CPU))
+
+
+# -- libggml: the RPC backend (workers) ------------------------------------------------------------------
+
+# llama-cpp-python version -> the RPC protocol of the llama.cpp it bundles (ggml-rpc.h RPC_PROTO_*_VERSION;
+# tests/test_rpc.py holds a live worker's HELLO to it). A worker must have the same major and a minor no
+# greater than the client's, or llama.cpp aborts the client.
+RPC_PROTOCOLS = {"0.3.36": (7, 0, 0)}
+
+_RPC_BUILD_HINT = ('CMAKE_ARGS="-DGGML_RPC=on" pip install --force-reinstall --no-cache-dir llama-cpp-python '
+                   "(or pipx install --force localmix with the same CMAKE_ARGS)")
+
+
+def rpc_protocol() -> tuple[int, int, int] | None:
+    """The RPC protocol this llama-cpp-python's llama.cpp speaks, from the table (None: a version not in it).
+    Read from the distribution's metadata: no library is loaded."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return RPC_PROTOCOLS.get(version("llama_cpp_python"))
+    except PackageNotFoundError:
+        return None
+
+
+@cache
+def _rpc_reg() -> int | None:
+    """The RPC backend's registry entry (None: llama.cpp was built without GGML_RPC)."""
+    g = libggml()
+    g.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    g.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    g.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    g.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    g.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    g.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    g.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_buft_name.restype = ctypes.c_char_p
+    return g.ggml_backend_reg_by_name(b"RPC") or None
+
+
+def _rpc_proc(name: str, prototype):
+    """A function of the RPC backend, found as llama.cpp's own tools find it (through the registry, so a
+    build that loads backends as plugins works too)."""
+    address = libggml().ggml_backend_reg_get_proc_address(_rpc_reg(), name.encode())
+    if not address:
+        raise WorkerError(f"this llama.cpp's RPC backend has no {name}; reinstall llama-cpp-python: {_RPC_BUILD_HINT}")
+    return prototype(address)
+
+
+def supports_rpc() -> bool:
+    """This llama.cpp has the RPC backend (llama-cpp-python built with GGML_RPC on)."""
+    return _rpc_reg() is not None
+
+
+def require_rpc() -> None:
+    if not supports_rpc():
+        raise WorkerError(f"this llama.cpp was built without the RPC backend; reinstall it with it: {_RPC_BUILD_HINT}")
+
+
+def serve_devices() -> list[int]:
+    """What a worker serves: this machine's GPUs (in llama.cpp's order), then its CPU last."""
+    g = libggml()
+    gpus = [g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count())]
+    gpus = [d for d in gpus if g.ggml_backend_dev_type(d) in (GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU)]
+    return [*gpus, g.ggml_backend_dev_by_type(GGML_DEVICE_TYPE_CPU)]
+
+
+_START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                                 ctypes.POINTER(ctypes.c_void_p))
+
+
+def serve_rpc(endpoint: str, cache_dir: str | None, threads: int) -> None:
+    """Serve this machine's devices (serve_devices) to RPC clients on `endpoint` (an IPv4 "a.b.c.d:port":
+    llama.cpp binds nothing else): llama.cpp's accept loop, one client at a time. It never returns while it
+    serves; it returns at once when it cannot start (it printed why on C's stderr). Its banner and a line
+    per client go to C's stdout."""
+    require_rpc()
+    start = _rpc_proc("ggml_backend_rpc_start_server", _START_SERVER)
+    devices = serve_devices()
+    array = (ctypes.c_void_p * len(devices))(*devices)
+    start(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, len(devices), array)
 
 
 # -- loading ----------------------------------------------------------------------------------------------

@@ -53,3 +53,8 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("localmix", appauthor=False))
+
+
+def rpc_cache_dir() -> Path:
+    """Where `localmix worker` keeps the tensors clients sent it (by hash), so later loads send only hashes."""
+    return cache_dir() / "rpc"

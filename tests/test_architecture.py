@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Module (or package prefix) -> layer, lowest first. ARCHITECTURE.md shows the same table.
 LAYERS = {
     "quantize": 0,
-    "localmix.errors": 1, "localmix.units": 1, "localmix.paths": 1, "localmix.text": 1, "localmix.llamacpp": 1,
+    "localmix.errors": 1, "localmix.units": 1, "localmix.paths": 1, "localmix.text": 1, "localmix.llamacpp": 1, "localmix.rpc": 1,
     "localmix.modelfile": 2, "localmix.validate": 2, "localmix.prompt": 2,
     "localmix.model_info": 3, "localmix.quality": 3,
     "localmix.hardware": 4, "localmix.planner": 4, "localmix.tailor": 4,

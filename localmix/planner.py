@@ -306,7 +306,7 @@ def remote_gain(m: ModelInfo, b: Budget, r: Remote, tensors: list[Tensor]) -> fl
 
 def place_remote(m: ModelInfo, b: Budget, local: Plan) -> dict[str, list[str]]:
     """Remote.name -> expert tensors moved there from local RAM, by whole layers: first every layer that
-    is quicker on a worker, then, while local RAM is over budget, the layers that cost least there."""
+    is quicker on a worker, then, while local RAM is over budget, more layers, each where it costs least."""
     layers: dict[int, list[Tensor]] = {}
     for t in m.tensors:
         if t.role == "expert" and t.name not in local.gpu:
@@ -329,22 +329,14 @@ def place_remote(m: ModelInfo, b: Budget, local: Plan) -> dict[str, list[str]]:
         if choice and choice[0] > 0:
             move(layer, choice[1])
     over = local.ram_total - sum(_bytes(m, names) for names in out.values()) - b.ram
-    # Too big for RAM: the layers that lose least, the largest first (fewest hops for the bytes).
-    for layer in sorted(layers, key=lambda x: (-remote_cost(m, b, layers[x]), x)):
+    for layer in sorted(layers):  # too big for RAM: the first layers left, each where it costs least
         if over <= 0:
             break
         choice = best(layers[layer])
         if choice:
             over -= sum(t.nbytes for t in layers[layer])
             move(layer, choice[1])
-    return out
-
-
-def remote_cost(m: ModelInfo, b: Budget, tensors: list[Tensor]) -> float:
-    """Sort key for RAM relief: a layer's bytes per second lost if the best worker takes it."""
-    size = sum(t.nbytes for t in tensors)
-    loss = -max((remote_gain(m, b, r, tensors) for r in b.remotes), default=0.0)
-    return size / max(loss, 1e-9)
+    return {r.name: out[r.name] for r in b.remotes if r.name in out}  # in the budget's order
 
 
 def _no_fit_message(m: ModelInfo, b: Budget, ctx: int, kv_type: str, p: Plan) -> str:

@@ -111,3 +111,18 @@ def test_remote_patterns_match_exactly_the_tensors_placed(ram_gib):
         assert {n for n in names if any(c.search(n) for c in compiled)} == set(p.remote[by_key[key]])
     cpu = [re.compile(x) for x in override_patterns(p)]
     assert {n for n in names if any(c.search(n) for c in cpu)} == set(p.cpu_experts)
+
+
+def test_the_plan_in_words_names_the_workers():
+    from localmix.describe import layer_rows, summary_line, workers
+
+    a, b = worker("10.0.0.2:50052", memory_gib=6), worker("10.0.0.3:50052", memory_gib=9, network="10gbe")
+    p = plan(M22, budget(24, 45, a, b), CTX)
+    assert workers(p) == [a.endpoint, b.endpoint]
+    rows = layer_rows(M22, p)
+    assert all(len(r) == 5 for r in rows)
+    on = {e: {x for r in rows if r[3 + i] for x in r[0].split(", ")} for i, e in enumerate(workers(p))}
+    assert all(on.values()) and all(r[2] == "worker" for r in rows if r[3] or r[4])
+    line = summary_line(M22, p)
+    assert "; 2 workers 12.7 GiB: experts of layers 0-8; predicted" in line
+    assert len(layer_rows(M22, plan(M22, budget(24, 128), CTX))[0]) == 3  # no workers, no columns

@@ -129,12 +129,29 @@ def require_rpc() -> None:
         raise WorkerError(f"this llama.cpp was built without the RPC backend; reinstall it with it: {_RPC_BUILD_HINT}")
 
 
-def serve_devices() -> list[int]:
-    """What a worker serves: this machine's GPUs (in llama.cpp's order), then its CPU last."""
+def local_gpus() -> list[int]:
+    """The GPUs llama.cpp uses by default (llama_prepare_model_devices): discrete ones in its order,
+    integrated ones (of one backend) only when there is no discrete one. (It also drops a GPU that a
+    second backend lists again under the same device id; builds with one GPU backend have none such.)"""
     g = libggml()
-    gpus = [g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count())]
-    gpus = [d for d in gpus if g.ggml_backend_dev_type(d) in (GGML_DEVICE_TYPE_GPU, GGML_DEVICE_TYPE_IGPU)]
-    return [*gpus, g.ggml_backend_dev_by_type(GGML_DEVICE_TYPE_CPU)]
+    devs = [g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count())]
+    gpus = [d for d in devs if g.ggml_backend_dev_type(d) == GGML_DEVICE_TYPE_GPU]
+    if gpus:
+        return gpus
+    igpus = [d for d in devs if g.ggml_backend_dev_type(d) == GGML_DEVICE_TYPE_IGPU]
+    return igpus[:1] + [d for d in igpus[1:] if _dev_reg(d) == _dev_reg(igpus[0])]
+
+
+def _dev_reg(dev: int) -> int:
+    g = libggml()
+    g.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    return g.ggml_backend_dev_backend_reg(dev)
+
+
+def serve_devices() -> list[int]:
+    """What a worker serves: this machine's GPUs (as a load here would use them), then its CPU last."""
+    return [*local_gpus(), libggml().ggml_backend_dev_by_type(GGML_DEVICE_TYPE_CPU)]
 
 
 _START_SERVER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
@@ -153,6 +170,47 @@ def serve_rpc(endpoint: str, cache_dir: str | None, threads: int) -> None:
     start(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, len(devices), array)
 
 
+_ADD_SERVER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+
+
+def rpc_device(endpoint: str, device: int) -> int:
+    """The ggml device `device` of the worker at `endpoint`, as llama.cpp's client sees it (its buffer type
+    is named RPC<device>[endpoint]). It connects to the worker and ABORTS the process when that fails:
+    probe the worker first (localmix.rpc.probe)."""
+    require_rpc()
+    g = libggml()
+    reg = _rpc_proc("ggml_backend_rpc_add_server", _ADD_SERVER)(endpoint.encode())
+    g.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    g.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    count = g.ggml_backend_reg_dev_count(reg) if reg else 0
+    if not 0 <= device < count:  # ggml_backend_reg_dev_get would assert
+        raise WorkerError(f"worker {endpoint} has {count} device(s); there is no device {device}")
+    return g.ggml_backend_reg_dev_get(reg, device)
+
+
+_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_fatal_keepalive: list = []  # the callback llama.cpp holds, for the process's life
+
+
+def on_fatal(report: Callable[[str], None]) -> None:
+    """Call `report(message)` with ggml's message when llama.cpp is about to abort the process (a worker
+    lost mid-reply, a handshake refused): the process still dies, but whoever waits for it can say why.
+    `report` runs on whichever C thread aborts; it must be quick and must not raise."""
+
+    def called(message: bytes) -> None:
+        try:
+            report((message or b"").decode(errors="replace"))
+        except BaseException:  # noqa: BLE001 - nothing may unwind into C; abort() follows anyway
+            pass
+
+    g = libggml()
+    g.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
+    g.ggml_set_abort_callback.restype = ctypes.c_void_p
+    cb = _ABORT_CALLBACK(called)
+    _fatal_keepalive.append(cb)
+    g.ggml_set_abort_callback(cb)
+
+
 # -- loading ----------------------------------------------------------------------------------------------
 
 
@@ -161,9 +219,9 @@ class _BuftOverride(ctypes.Structure):
 
 
 @contextmanager
-def _model_params(overrides, progress_cb):
-    """Make llama-cpp-python start from default model params that already carry our tensor overrides
-    and progress callback: its Llama() sets neither `tensor_buft_overrides` nor `progress_callback`."""
+def _model_params(overrides, progress_cb, devices=None):
+    """Make llama-cpp-python start from default model params that already carry our tensor overrides,
+    progress callback and (a NULL-terminated array) devices: its Llama() sets none of them."""
     import llama_cpp.llama_cpp as C
 
     original = C.llama_model_default_params
@@ -174,6 +232,8 @@ def _model_params(overrides, progress_cb):
             p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         if progress_cb is not None:
             p.progress_callback = progress_cb
+        if devices is not None:
+            p.devices = ctypes.cast(devices, ctypes.c_void_p)
         return p
 
     with _params_lock:
@@ -275,6 +335,18 @@ def _c_strlen() -> int:
     return ctypes.cast(libc.strlen, ctypes.c_void_p).value
 
 
+def _devices_with(remote: list[int]):
+    """Model `devices` and `tensor_split` for a load that uses workers' devices: this machine's GPUs, then
+    the workers'. llama.cpp counts a worker's device as a GPU and would spread layers over it too; a split
+    of 1 per local GPU and 0 per worker device keeps the layers here, so that only the tensor overrides
+    put anything there. (None, None) without workers: llama.cpp's own defaults."""
+    if not remote:
+        return None, None
+    local = local_gpus()
+    devices = (ctypes.c_void_p * (len(local) + len(remote) + 1))(*local, *remote, None)
+    return devices, [1.0] * len(local) + [0.0] * len(remote) if local else None
+
+
 class Engine:
     """A model loaded by llama.cpp, with its context: tokenize, evaluate, sample."""
 
@@ -307,20 +379,27 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, *, n_gpu_layers: int, cpu_patterns: list[str], ctx: int, threads: int | None,
              flash_attn: bool, kv_type: str = "f16", batch: int = 512,
+             rpc_patterns: dict[tuple[str, int], list[str]] | None = None,
              progress: Callable[[float], None] | None = None, verbose: bool = False) -> Engine:
         """Load with every layer up to n_gpu_layers offloaded and the tensors matching `cpu_patterns`
-        (std::regex_search) pinned to host memory, as `-ngl N -ot PATTERN=CPU` do. ValueError or
+        (std::regex_search) pinned to host memory, as `-ngl N -ot PATTERN=CPU` do; those matching
+        `rpc_patterns[(endpoint, device)]` go to that device of that worker (`--rpc E -ot PATTERN=RPC<d>[E]`),
+        the workers having been probed (llama.cpp aborts on one that does not answer). ValueError or
         ModelFileError, with llama.cpp's own reason, when it refuses the file."""
         import llama_cpp
 
+        rpc_patterns = {k: v for k, v in (rpc_patterns or {}).items() if v}
+        remote = {key: rpc_device(*key) for key in rpc_patterns}
+        pairs = [(p, cpu_buffer_type()) for p in cpu_patterns]
+        pairs += [(p, libggml().ggml_backend_dev_buffer_type(remote[key])) for key, ps in rpc_patterns.items() for p in ps]
+        keep = [p.encode() for p, _ in pairs]  # the C strings must outlive the load
         overrides = None
-        keep = [p.encode() for p in cpu_patterns]  # the C strings must outlive the load
-        if keep:
-            overrides = (_BuftOverride * (len(keep) + 1))()
-            buft = cpu_buffer_type()
-            for i, p in enumerate(keep):
+        if pairs:
+            overrides = (_BuftOverride * (len(pairs) + 1))()
+            for i, (p, (_, buft)) in enumerate(zip(keep, pairs)):
                 overrides[i].pattern, overrides[i].buft = p, buft
-            overrides[len(keep)].pattern, overrides[len(keep)].buft = None, None
+            overrides[len(pairs)].pattern, overrides[len(pairs)].buft = None, None
+        devices, split = _devices_with(list(remote.values()))
 
         def on_progress(fraction: float, _user) -> bool:
             if progress:
@@ -330,16 +409,16 @@ class Engine:
         progress_cb = llama_cpp.llama_progress_callback(on_progress)
         log: list[str] = []
         errors: list[str] = []
-        with _model_params(overrides, progress_cb), _captured_log(log, verbose, errors), _no_chat_formatter():
+        with _model_params(overrides, progress_cb, devices), _captured_log(log, verbose, errors), _no_chat_formatter():
             try:
                 llm = llama_cpp.Llama(
                     str(path), n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=batch, n_ubatch=batch,
                     n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
-                    type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=verbose,
+                    type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=verbose, tensor_split=split,
                 )
             except (ValueError, RuntimeError) as e:  # llama-cpp-python's way of saying the load failed
                 raise load_error(path, errors, e) from None
-        return cls(llm, (overrides, keep, progress_cb), log)
+        return cls(llm, (overrides, keep, progress_cb, devices), log)
 
     @classmethod
     def vocab_only(cls, path: str | Path) -> Engine:

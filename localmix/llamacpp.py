@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,6 +210,79 @@ def on_fatal(report: Callable[[str], None]) -> None:
     cb = _ABORT_CALLBACK(called)
     _fatal_keepalive.append(cb)
     g.ggml_set_abort_callback(cb)
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+GGML_TYPE_F32, GGML_TYPE_Q4_K = 0, 12
+LINK_ROW = 4096  # elements per weight row (a hidden size of the models localmix runs)
+LINK_ROW_BYTES = LINK_ROW // 256 * 144  # Q4_K: 144 bytes per 256 weights
+
+
+@cache
+def _graph_api():
+    g = libggml()
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    for name, args, res in [
+        ("ggml_init", [_InitParams], vp), ("ggml_free", [vp], None), ("ggml_tensor_overhead", [], sz),
+        ("ggml_graph_overhead", [], sz), ("ggml_new_tensor_1d", [vp, ctypes.c_int, ctypes.c_int64], vp),
+        ("ggml_new_tensor_2d", [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], vp),
+        ("ggml_mul_mat", [vp, vp, vp], vp), ("ggml_new_graph", [vp], vp), ("ggml_build_forward_expand", [vp, vp], None),
+        ("ggml_backend_dev_init", [vp, ctypes.c_char_p], vp), ("ggml_backend_free", [vp], None),
+        ("ggml_backend_alloc_ctx_tensors", [vp, vp], vp), ("ggml_backend_buffer_clear", [vp, ctypes.c_uint8], None),
+        ("ggml_backend_buffer_free", [vp], None), ("ggml_backend_graph_compute", [vp, vp], ctypes.c_int),
+        ("ggml_backend_tensor_set", [vp, vp, sz, sz], None), ("ggml_backend_tensor_get", [vp, vp, sz, sz], None),
+    ]:
+        f = getattr(g, name)
+        f.argtypes, f.restype = args, res
+    return g
+
+
+def link_probe(endpoint: str, device: int, nbytes: int, repeats: int = 5) -> tuple[float, float]:
+    """(hop seconds, bytes/s) of a worker's device through llama.cpp's RPC client: a tiny graph (a
+    4096-float activation in, a matrix-vector product there, a row out: what one remote layer costs per
+    token beyond its reads) and the same over ~`nbytes` of Q4_K weights; the difference is the time to
+    read them there. The weights are zeroed on the worker (ggml_backend_buffer_clear): nothing but the
+    graph and the activations crosses the link. Best of `repeats` each. llama.cpp ABORTS the process when
+    the worker fails: run this in a child (localmix.rpc.measure_link)."""
+    g = _graph_api()
+    dev = rpc_device(endpoint, device)
+    backend = g.ggml_backend_dev_init(dev, None)
+    ctx = g.ggml_init(_InitParams(g.ggml_tensor_overhead() * 8 + 2 * g.ggml_graph_overhead(), None, True))
+    rows = max(1, nbytes // LINK_ROW_BYTES)
+    x = g.ggml_new_tensor_1d(ctx, GGML_TYPE_F32, LINK_ROW)
+    graphs = []
+    for n in (1, rows):  # the tiny graph, the big one
+        w = g.ggml_new_tensor_2d(ctx, GGML_TYPE_Q4_K, LINK_ROW, n)
+        out = g.ggml_mul_mat(ctx, w, x)
+        graph = g.ggml_new_graph(ctx)
+        g.ggml_build_forward_expand(graph, out)
+        graphs.append((graph, out, n))
+    buf = g.ggml_backend_alloc_ctx_tensors(ctx, backend)
+    g.ggml_backend_buffer_clear(buf, 0)
+    inp = (ctypes.c_float * LINK_ROW)(*([0.5] * LINK_ROW))
+    result = (ctypes.c_float * rows)()
+
+    def hop(graph, out, n) -> float:
+        start = time.perf_counter()
+        g.ggml_backend_tensor_set(x, inp, 0, ctypes.sizeof(inp))
+        g.ggml_backend_graph_compute(backend, graph)
+        g.ggml_backend_tensor_get(out, result, 0, 4 * n)
+        return time.perf_counter() - start
+
+    try:
+        times = []
+        for graph in graphs:
+            hop(*graph)  # warm-up: buffers, threads, the graph stored there
+            times.append(min(hop(*graph) for _ in range(repeats)))
+    finally:
+        g.ggml_backend_buffer_free(buf)
+        g.ggml_free(ctx)
+        g.ggml_backend_free(backend)
+    tiny, big = times
+    return tiny, rows * LINK_ROW_BYTES / max(big - tiny, 1e-9)
 
 
 # -- loading ----------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from .errors import WorkerError
+from .errors import LocalmixError, WorkerError
 from .text import shown
 
 DEFAULT_PORT = 50052
@@ -201,3 +202,110 @@ def _exact(answer: bytes, n: int, endpoint: str) -> bytes:
     if len(answer) != n:
         raise _not_a_worker(endpoint, f"an answer of {len(answer)} bytes where {n} were due")
     return answer
+
+
+# -- the link ---------------------------------------------------------------------------------------------
+
+LINK_BYTES = 256 << 20  # weights read there per measurement: more than a worker's caches hold
+LINK_TIMEOUT = 120.0
+LINK_CACHE = "rpc-links.json"
+_FATAL = "localmix-rpc-fatal: "
+
+# The child: llama.cpp's RPC client aborts the process on any failure, so the measurement runs here, its
+# abort message marked on stderr for the parent.
+_CHILD = (
+    "import json, sys\n"
+    "from localmix import llamacpp\n"
+    f"llamacpp.on_fatal(lambda m: print({_FATAL!r} + ' '.join(m.split()), file=sys.stderr, flush=True))\n"
+    "hop, bw = llamacpp.link_probe(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))\n"
+    "print(json.dumps({'hop_seconds': hop, 'bandwidth': bw}))\n"
+)
+
+
+@dataclass(frozen=True)
+class Link:
+    hop_seconds: float  # one layer hop there and back: activations in, the graph run, the result out
+    bandwidth: float  # bytes/s the worker's device reads weights at (Q4_K, its threads)
+
+
+def measure_link(endpoint: str, device: int = 0, *, again: bool = False) -> Link:
+    """The link to a worker's device, measured once through llama.cpp's RPC client (in a child: see
+    llamacpp.link_probe) and kept per (endpoint, device, its total memory) in localmix's cache;
+    `again` measures anew. WorkerError on any failure."""
+    endpoint = parse_endpoint(endpoint)
+    worker = probe(endpoint)
+    if not 0 <= device < len(worker.devices):
+        raise WorkerError(f"worker {endpoint} has {len(worker.devices)} device(s); there is no device {device}")
+    key = f"{endpoint} {device} {worker.devices[device].total}"
+    cached = _read_links()
+    if not again and key in cached:
+        try:
+            return Link(float(cached[key]["hop_seconds"]), float(cached[key]["bandwidth"]))
+        except (TypeError, KeyError, ValueError):
+            pass  # a damaged entry: measured again
+    nbytes = max(1 << 20, min(LINK_BYTES, worker.devices[device].free // 4))
+    link = _measure_in_child(endpoint, device, nbytes)
+    cached[key] = {"hop_seconds": link.hop_seconds, "bandwidth": link.bandwidth, "at": time.time()}
+    _write_links(cached)
+    return link
+
+
+def _measure_in_child(endpoint: str, device: int, nbytes: int) -> Link:
+    import json
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _CHILD, endpoint, str(device), str(nbytes)], capture_output=True,
+                           text=True, timeout=LINK_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"worker {endpoint}: measuring the link took over {LINK_TIMEOUT:g} s; give "
+                          "--rpc-network and --rpc-bandwidth instead") from None
+    fatal = [x[len(_FATAL):] for x in r.stderr.splitlines() if x.startswith(_FATAL)]
+    try:
+        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+        link = Link(float(out["hop_seconds"]), float(out["bandwidth"]))
+    except (TypeError, KeyError, ValueError, IndexError):
+        why = fatal[-1] if fatal else (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise WorkerError(f"worker {endpoint}: the link measurement failed (llama.cpp: {shown(why, 300)})") from None
+    if not (link.hop_seconds > 0 and link.bandwidth > 0):
+        raise WorkerError(f"worker {endpoint}: the link measurement gave no usable numbers ({link})")
+    return link
+
+
+def _links_path():
+    from .paths import cache_dir
+
+    return cache_dir() / LINK_CACHE
+
+
+def _read_links() -> dict:
+    import json
+
+    try:
+        data = json.loads(_links_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_links(data: dict) -> None:
+    """Beside the target, then renamed: a reader never sees half a file. A cache that cannot be written
+    is only a measurement repeated next time."""
+    import json
+    import os
+    import tempfile
+
+    from .paths import ensure_dir
+
+    path = _links_path()
+    tmp = None
+    try:
+        ensure_dir(path.parent, "localmix's cache folder")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rpc-links-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except (OSError, LocalmixError):
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

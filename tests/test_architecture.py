@@ -16,7 +16,7 @@ LAYERS = {
     "localmix.model_info": 3, "localmix.quality": 3,
     "localmix.hardware": 4, "localmix.planner": 4, "localmix.tailor": 4,
     "localmix.describe": 5, "localmix.backends": 5, "localmix.tools": 5, "localmix.store": 5,
-    "localmix.backends.llama": 6, "localmix.tools.loop": 6, "localmix.models": 6,
+    "localmix.backends.llama": 6, "localmix.backends.isolated": 6, "localmix.tools.loop": 6, "localmix.models": 6,
     "localmix.reply": 7, "localmix.hub": 7, "localmix.demo": 7, "localmix.loader": 7, "localmix.evaluate": 7,
     "localmix.server": 7, "localmix.server.api": 7, "localmix.server.engine": 7,
     "localmix.server.app": 8,

@@ -29,9 +29,9 @@ class LlamaBackend:
     def load(self, progress: Callable[[float], None] | None = None) -> None:
         """ModelFileError with llama.cpp's own reason when it refuses the file (Engine.load). A plan with
         workers loads in a process of its own (backends/isolated.py): llama.cpp aborts when a worker fails."""
-        rpc = {"rpc_patterns": remote_patterns(self.plan)} if self.plan.remote else {}
         self.engine = Engine.load(
-            self.info.path, n_gpu_layers=gpu_layers_arg(self.info, self.plan), cpu_patterns=override_patterns(self.plan), **rpc,
+            self.info.path, n_gpu_layers=gpu_layers_arg(self.info, self.plan), cpu_patterns=override_patterns(self.plan),
+            rpc_patterns=remote_patterns(self.plan),
             ctx=self.ctx, threads=self.threads, kv_type=self.kv_type, progress=progress, verbose=self.verbose,
             # Flash attention: on the GPU always; on the CPU when the KV cache is quantized (llama.cpp
             # needs it for a quantized V cache).

@@ -4,8 +4,8 @@ for "what this machine has")."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .backends.llama import LlamaBackend
@@ -13,8 +13,14 @@ from .errors import LocalmixError
 from .hardware import DECODE_READ_EFFICIENCY, DEFAULT_GPU_BANDWIDTH, PCIE_BANDWIDTH, Hardware, detect
 from .model_info import ModelInfo, model_info
 from .modelfile import ModelFile, open_model_file
-from .planner import Budget, Plan, plan
-from .units import DEFAULT_CTX
+from .planner import NETWORKS, Budget, Plan, Remote, plan
+from .units import DEFAULT_CTX, GiB
+
+DEFAULT_NETWORK = "1gbe"  # a worker planned without contact: the common home network
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]")
+# What a probed worker keeps for itself: its compute buffers, the OS and whatever else runs there.
+WORKER_HEADROOM = 1 * GiB
+WORKER_HEADROOM_SHARE = 0.05
 
 
 def machine_and_budget(vram: int | None = None, ram: int | None = None, ram_bandwidth: float | None = None, *,
@@ -49,9 +55,82 @@ class Planned:
     notes: tuple[str, ...] = ()  # what was decided for the user that they should hear about
 
 
+def _per_endpoint(values: Sequence[int] | None, n: int, flag: str) -> list[int | None]:
+    """--rpc-ram/--rpc-vram values: one per endpoint, or one for all."""
+    if not values:
+        return [None] * n
+    if len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        raise LocalmixError(f"{flag} has {len(values)} sizes for {n} workers: give one per --rpc endpoint, or one for all")
+    return list(values)
+
+
+def _network(endpoint: str, network: str | None) -> tuple[float, float]:
+    """(hop_seconds, link bytes/s) of the --rpc-network named, else a guess from the address."""
+    if network is not None:
+        if network not in NETWORKS:
+            raise LocalmixError(f"unknown network {network} (choose from {', '.join(NETWORKS)})")
+        return NETWORKS[network]
+    return NETWORKS["loopback" if endpoint.startswith(LOOPBACK_HOSTS) else DEFAULT_NETWORK]
+
+
+def planned_remotes(endpoint: str, ram: int | None, vram: int | None, network: str | None, bandwidth: float) -> list[Remote]:
+    """A worker not yet contacted, from its --rpc-ram/--rpc-vram: its GPU first (device 0), its RAM last,
+    as a localmix worker lists them."""
+    hop, link = _network(endpoint, network or DEFAULT_NETWORK)
+    out = []
+    if vram:
+        out.append(Remote(endpoint, 0, "gpu", vram, DEFAULT_GPU_BANDWIDTH, hop, link))
+    if ram:
+        out.append(Remote(endpoint, len(out), "cpu", ram, bandwidth, hop, link))
+    return out
+
+
+def probed_remotes(endpoint: str, network: str | None, bandwidth: float | None, measure: bool = False) -> list[Remote]:
+    """A running worker's devices: memory through the RPC protocol (less headroom), the link and each
+    device's read bandwidth measured once (cached) unless --rpc-network and --rpc-bandwidth give them."""
+    from . import rpc
+
+    worker = rpc.probe(endpoint)
+    out = []
+    for d in worker.devices:
+        memory = max(0, d.free - WORKER_HEADROOM - int(d.total * WORKER_HEADROOM_SHARE))
+        hop, link = _network(endpoint, network)
+        bw = bandwidth if bandwidth is not None and d.kind == "cpu" else None
+        if network is None or bw is None:
+            measured = rpc.measure_link(worker.endpoint, d.index, again=measure)
+            hop = hop if network is not None else measured.hop_seconds
+            bw = bw if bw is not None else measured.bandwidth
+        out.append(Remote(worker.endpoint, d.index, d.kind, memory, bw, hop, link))
+    return out
+
+
+def remotes(endpoints: Sequence[str], rpc_ram: Sequence[int] | None, rpc_vram: Sequence[int] | None, rpc_network: str | None,
+            rpc_bandwidth: float | None, local_bandwidth: float, measure: bool = False) -> tuple[Remote, ...]:
+    """The workers' devices as the planner sees them (see prepare)."""
+    rams = _per_endpoint(rpc_ram, len(endpoints), "--rpc-ram")
+    vrams = _per_endpoint(rpc_vram, len(endpoints), "--rpc-vram")
+    out: list[Remote] = []
+    for endpoint, ram, vram in zip(endpoints, rams, vrams, strict=True):
+        if ram is not None or vram is not None:
+            bw = local_bandwidth if rpc_bandwidth is None else rpc_bandwidth * DECODE_READ_EFFICIENCY
+            out += planned_remotes(endpoint, ram, vram, rpc_network, bw)
+        else:
+            bw = None if rpc_bandwidth is None else rpc_bandwidth * DECODE_READ_EFFICIENCY
+            out += probed_remotes(endpoint, rpc_network, bw, measure)
+    return tuple(out)
+
+
 def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None, ctx: int | None = None,
-            kv_type: str = "f16", ram_bandwidth: float | None = None, measure: bool = False) -> Planned:
-    """Read and plan. `ctx` None: DEFAULT_CTX, lowered (with a note) to what the model was trained on."""
+            kv_type: str = "f16", ram_bandwidth: float | None = None, measure: bool = False, rpc: Sequence[str] = (),
+            rpc_ram: Sequence[int] | None = None, rpc_vram: Sequence[int] | None = None, rpc_network: str | None = None,
+            rpc_bandwidth: float | None = None) -> Planned:
+    """Read and plan. `ctx` None: DEFAULT_CTX, lowered (with a note) to what the model was trained on.
+    `rpc`: workers' endpoints (host:port). One given a --rpc-ram/--rpc-vram size (`rpc_ram`/`rpc_vram`: one
+    per endpoint, or one for all) is planned without contact: its link from `rpc_network` (default 1gbe),
+    its RAM's bandwidth `rpc_bandwidth` (bytes/s, as --ram-bandwidth) or this machine's. The others are
+    probed for their memory and their link measured, unless `rpc_network` and `rpc_bandwidth` say."""
     mf = open_model_file(path)
     info = model_info(mf)
     notes = ()
@@ -62,13 +141,26 @@ def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None
     elif ctx > info.n_ctx_train:
         raise LocalmixError(f"--ctx {ctx} is longer than the model's trained context ({info.n_ctx_train})")
     hw, budget = machine_and_budget(vram, ram, ram_bandwidth, measure=measure)
-    return Planned(mf, info, hw, budget, plan(info, budget, ctx, kv_type), ctx, kv_type, notes)
+    if rpc:
+        budget = replace(budget, remotes=remotes(rpc, rpc_ram, rpc_vram, rpc_network, rpc_bandwidth, budget.cpu_bandwidth, measure))
+    p = plan(info, budget, ctx, kv_type)
+    unused = [e for e in dict.fromkeys(rpc) if e not in {r.endpoint for r in p.remotes}]
+    if unused:
+        notes += (f"nothing placed on {', '.join(unused)}: no layer's experts fit there, or they run quicker here",)
+    return Planned(mf, info, hw, budget, p, ctx, kv_type, notes)
 
 
 def load(p: Planned, *, threads: int | None = None, progress: Callable[[float], None] | None = None,
-         verbose: bool = False) -> LlamaBackend:
-    """The model loaded by llama.cpp with the plan (threads: physical cores unless given)."""
-    backend = LlamaBackend(p.info, p.plan, ctx=p.ctx, kv_type=p.kv_type, threads=threads or p.hardware.cores, verbose=verbose)
+         verbose: bool = False):
+    """The model loaded by llama.cpp with the plan (threads: physical cores unless given): a LlamaBackend,
+    or with experts on workers an IsolatedBackend (llama.cpp aborts the process when a worker fails: the
+    model runs in a child)."""
+    cls = LlamaBackend
+    if p.plan.remote:
+        from .backends.isolated import IsolatedBackend
+
+        cls = IsolatedBackend
+    backend = cls(p.info, p.plan, ctx=p.ctx, kv_type=p.kv_type, threads=threads or p.hardware.cores, verbose=verbose)
     backend.load(progress)
     return backend
 

@@ -46,7 +46,7 @@ def store_models() -> list:
 
 
 def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | None = None, kv_type: str = "f16",
-                 threads: int | None = None, default_model=None, ram_bandwidth: float | None = None):
+                 threads: int | None = None, default_model=None, ram_bandwidth: float | None = None, rpc: dict | None = None):
     """The app's loader: (progress, path) -> (backend, {"split", "summary"}), run in the app's loading
     thread. No path and no default model: the demo, built on first use."""
 
@@ -59,7 +59,7 @@ def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | 
         from ..loader import prepare as read_and_plan
 
         path = path or default_model or ensure_demo(lambda f: progress(f, "Building the demo model (first run only)"))
-        p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type, ram_bandwidth=ram_bandwidth)
+        p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type, ram_bandwidth=ram_bandwidth, **(rpc or {}))
         backend = load(p, threads=threads, progress=lambda f: progress(f, f"Loading {Path(path).name}"))
         summary = " · ".join([summary_line(p.info, p.plan), *p.notes])  # e.g. the context lowered to the trained one
         return backend, {"split": split_label(p.plan), "summary": summary}
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from ..modelfile import model_name
     from ..paths import home
     from ..store import Store, default_path
-    from .common import open_model
+    from .common import open_model, rpc_options
 
     if args.server is not None:
         models, demo, choices = [], False, None
@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
             detect(measure=True)
         demo = not models
         prepare = make_prepare(vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads,
-                               default_model=models[0] if models else None, ram_bandwidth=args.ram_bandwidth)
+                               default_model=models[0] if models else None, ram_bandwidth=args.ram_bandwidth,
+                               rpc=rpc_options(args))
         label = DEMO_FILE.removesuffix(".gguf") if demo else model_name(models[0])
         choices = [(model_name(m), str(m)) for m in models] if len(models) > 1 else None
     toolset = None

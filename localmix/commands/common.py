@@ -26,6 +26,23 @@ def bandwidth(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def sizes(text: str) -> tuple[int, ...]:
+    """argparse type for SIZE[,SIZE...] flags (one per --rpc endpoint, or one for all)."""
+    return tuple(size(x) for x in text.split(","))
+
+
+def endpoints(text: str) -> tuple[str, ...]:
+    """argparse type for --rpc HOST:PORT[,HOST:PORT...]."""
+    from quantize.errors import Error
+
+    from ..rpc import parse_endpoints
+
+    try:
+        return parse_endpoints(text)
+    except Error as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def bounded(kind, low, high, what: str):
     """argparse type: a `kind` (int or float) in [low, high]; nan and inf are not numbers a user means."""
 
@@ -58,7 +75,38 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-type", default="f16", choices=("f16", "q8_0", "q4_0"), help="KV cache type (default f16)")
     p.add_argument("--ram-bandwidth", type=bandwidth, metavar="BW",
                    help="RAM read bandwidth of the machine to plan for, e.g. 80GB/s (default: this machine's, measured)")
-    p.add_argument("--measure", action="store_true", help="measure this machine's memory bandwidth again (forget the cached probes)")
+    p.add_argument("--measure", action="store_true",
+                   help="measure this machine's memory bandwidth (and the workers' links) again (forget the cached probes)")
+    add_rpc_arguments(p)
+
+
+NETWORK_NAMES = ("loopback", "10gbe", "1gbe")  # planner.NETWORKS' keys (a test checks), without importing it for --help
+
+
+def add_rpc_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workers (llama.cpp's RPC backend: experts in other computers' memory)")
+    g.add_argument("--rpc", type=endpoints, default=(), metavar="HOST:PORT[,...]",
+                   help="`localmix worker`s to place experts on when local memory cannot hold them or when it is faster")
+    g.add_argument("--rpc-ram", type=sizes, metavar="SIZE[,SIZE...]",
+                   help="plan for the workers' RAM (one size per --rpc endpoint, or one for all) without contacting them")
+    g.add_argument("--rpc-vram", type=sizes, metavar="SIZE[,SIZE...]", help="likewise for the workers' GPU memory")
+    g.add_argument("--rpc-network", choices=NETWORK_NAMES,
+                   help="the network to the workers (default: measured; 1gbe for workers planned with --rpc-ram/--rpc-vram)")
+    g.add_argument("--rpc-bandwidth", type=bandwidth, metavar="BW",
+                   help="the workers' RAM read bandwidth, e.g. 80GB/s (default: measured, or this machine's)")
+
+
+def rpc_options(args: argparse.Namespace) -> dict:
+    """The worker flags as loader.prepare's keywords; a worker flag without --rpc is a mistake said so."""
+    if not args.rpc:
+        given = [flag for flag, value in (("--rpc-ram", args.rpc_ram), ("--rpc-vram", args.rpc_vram),
+                                          ("--rpc-network", args.rpc_network), ("--rpc-bandwidth", args.rpc_bandwidth)) if value]
+        if given:
+            from ..errors import LocalmixError
+
+            raise LocalmixError(f"{given[0]} describes workers: give them with --rpc HOST:PORT[,...]")
+    return {"rpc": args.rpc, "rpc_ram": args.rpc_ram, "rpc_vram": args.rpc_vram, "rpc_network": args.rpc_network,
+            "rpc_bandwidth": args.rpc_bandwidth}
 
 
 def ask(question: str) -> bool:
@@ -88,8 +136,9 @@ def planned(args: argparse.Namespace):
     """The MODEL argument read and planned with the budget flags (a loader.Planned)."""
     from ..loader import prepare
 
+    rpc = rpc_options(args)
     p = prepare(open_model(args.model), vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type,
-                ram_bandwidth=args.ram_bandwidth, measure=args.measure)
+                ram_bandwidth=args.ram_bandwidth, measure=args.measure, **rpc)
     for note in p.notes:
         print(f"localmix {args.command}: {note}", file=sys.stderr)
     return p

@@ -1,5 +1,6 @@
-"""`localmix plan MODEL [--vram] [--ram] [--ram-bandwidth] [--ctx] [--kv-type] [--json] [--llama-args]`: where
-every tensor goes on this machine (or the one --vram/--ram/--ram-bandwidth describe) and how fast it should run."""
+"""`localmix plan MODEL [--vram] [--ram] [--ram-bandwidth] [--ctx] [--kv-type] [--rpc ...] [--json] [--llama-args]`:
+where every tensor goes on this machine (or the one --vram/--ram/--ram-bandwidth describe), and on the workers
+--rpc names, and how fast it should run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_budget_arguments(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the plan as JSON (keys in the README)")
-    out.add_argument("--llama-args", action="store_true", help="print the equivalent llama.cpp flags (-ngl, -ot)")
+    out.add_argument("--llama-args", action="store_true", help="print the equivalent llama.cpp flags (-ngl, -ot, --rpc, -ts)")
 
 
 def plan_json(p, ram_bandwidth: float | None = None) -> dict:
@@ -25,10 +26,12 @@ def plan_json(p, ram_bandwidth: float | None = None) -> dict:
     from ..planner import llama_args
 
     info, hw, budget, plan = p.info, p.hardware, p.budget, p.plan
+    device = {n: name for name, names in plan.remote.items() for n in names}  # expert -> its worker device (RPC0[h:p])
+    for n in plan.gpu:
+        device[n] = "gpu"
     layers = []
     for layer in range(info.n_layer):
-        experts = {t.expert_kind: ("gpu" if t.name in plan.gpu else "cpu")
-                   for t in info.tensors if t.layer == layer and t.role == "expert"}
+        experts = {t.expert_kind: device.get(t.name, "cpu") for t in info.tensors if t.layer == layer and t.role == "expert"}
         layers.append({"layer": layer, "attention": "gpu" if attention_on_gpu(info, plan, layer) else "cpu", "experts": experts})
     return {
         "model": {"path": info.path, "parts": [str(x) for x in p.model.parts], "name": info.name, "type": info.file_type,
@@ -46,7 +49,11 @@ def plan_json(p, ram_bandwidth: float | None = None) -> dict:
         "predicted": {"decode_tps": plan.decode_tps, "prefill_tps": plan.prefill_tps},
         "layers": layers,
         "tensors": [{"name": t.name, "part": t.part, "bytes": t.nbytes, "type": t.type,
-                     "device": "gpu" if t.name in plan.gpu else "cpu"} for t in info.tensors],
+                     "device": device.get(t.name, "cpu")} for t in info.tensors],
+        "remotes": [{"name": r.name, "endpoint": r.endpoint, "device": r.device, "kind": r.kind, "memory": r.memory,
+                     "bandwidth": r.bandwidth, "hop_seconds": r.hop_seconds, "link_bandwidth": r.link_bandwidth,
+                     "used": plan.remote_memory.get(r.name, 0), "tensors": list(plan.remote.get(r.name, ()))}
+                    for r in budget.remotes],
         "cpu_experts": list(plan.cpu_experts),
         "llama_args": llama_args(info, plan),
     }
@@ -66,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..describe import layer_rows
+    from ..describe import layer_rows, workers
     from ..planner import llama_args
     from ..text import markup
     from .common import planned
@@ -90,24 +97,36 @@ def run(args: argparse.Namespace) -> int:
               f"{hw.cores} cores · {measured_line(hw)}")
     given = f" at {args.ram_bandwidth / 1e9:.0f} GB/s" if args.ram_bandwidth is not None else ""
     con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB{given} · context {p.ctx} ({p.kv_type} KV cache)")
+    for r in budget.remotes:
+        con.print(f"Worker {markup(r.name)}: {r.kind.upper()} {r.memory / GiB:.1f} GiB at {r.bandwidth / 1e9:.0f} GB/s · "
+                  f"hop {r.hop_seconds * 1e6:.0f} µs, link {r.link_bandwidth / 1e6:.0f} MB/s", highlight=False)
 
+    ends = workers(plan)
     t = Table(title="Placement", title_justify="left")
     t.add_column("layers")
     t.add_column("attention")
     t.add_column("experts")
+    for e in ends:
+        t.add_column(markup(e))
+    pad = [""] * len(ends)
     for row in layer_rows(info, plan):
         t.add_row(*row)
-    t.add_row("output", "GPU" if plan.n_gpu_layers == info.n_layer else "CPU", "")
-    t.add_row("token embeddings", "CPU", "")
+    t.add_row("output", "GPU" if plan.n_gpu_layers == info.n_layer else "CPU", "", *pad)
+    t.add_row("token embeddings", "CPU", "", *pad)
     con.print(t)
 
     m = Table(title="Memory", title_justify="left")
     m.add_column("")
     m.add_column("GPU", justify="right")
     m.add_column("CPU", justify="right")
+    for name in plan.remote:
+        m.add_column(markup(name), justify="right")
+    there = [f"{b / GiB:.2f} GiB" for b in plan.remote_memory.values()]
     for key, label in (("weights", "weights"), ("kv_cache", "KV cache"), ("compute", "compute buffers"), ("reserve", "reserve")):
-        m.add_row(label, f"{plan.vram.get(key, 0) / GiB:.2f} GiB", f"{plan.ram[key] / GiB:.2f} GiB" if key in plan.ram else "")
-    m.add_row("[bold]total", f"[bold]{plan.vram_total / GiB:.2f} GiB", f"[bold]{plan.ram_total / GiB:.2f} GiB")
+        m.add_row(label, f"{plan.vram.get(key, 0) / GiB:.2f} GiB", f"{plan.ram[key] / GiB:.2f} GiB" if key in plan.ram else "",
+                  *(there if key == "weights" else [""] * len(there)))
+    m.add_row("[bold]total", f"[bold]{plan.vram_total / GiB:.2f} GiB", f"[bold]{plan.ram_total / GiB:.2f} GiB",
+              *(f"[bold]{x}" for x in there))
     con.print(m)
     con.print(f"Predicted: decode [bold]{plan.decode_tps:.1f}[/] tok/s, prefill {plan.prefill_tps:.0f} tok/s")
     return 0

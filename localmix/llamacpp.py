@@ -9,6 +9,7 @@ It knows nothing of plans, prompts or the UI: it is given regex patterns, tokens
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import threading
 import time
@@ -195,12 +196,13 @@ _fatal_keepalive: list = []  # the callback llama.cpp holds, for the process's l
 
 def on_fatal(report: Callable[[str], None]) -> None:
     """Call `report(message)` with ggml's message when llama.cpp is about to abort the process (a worker
-    lost mid-reply, a handshake refused): the process still dies, but whoever waits for it can say why.
+    lost mid-reply, a handshake refused; without ggml's "file:line: " in front): the process still dies,
+    but whoever waits for it can say why.
     `report` runs on whichever C thread aborts; it must be quick and must not raise."""
 
     def called(message: bytes) -> None:
-        try:
-            report((message or b"").decode(errors="replace"))
+        try:  # ggml puts "source-file:line: " in front of the reason
+            report(re.sub(r"^\S+:\d+: ", "", (message or b"").decode(errors="replace")).strip())
         except BaseException:  # noqa: BLE001 - nothing may unwind into C; abort() follows anyway
             pass
 

@@ -119,6 +119,8 @@ class _Conn:
                                       f"in {self.timeout:g} s: it serves one client at a time; is another localmix "
                                       "using it?") from None
                 raise WorkerError(f"worker {self.endpoint} stopped answering ({stage}, {self.timeout:g} s)") from None
+            except ConnectionResetError:  # closed with our request unread: as good as closed
+                raise EOFError(stage) from None
             except OSError as e:
                 raise WorkerError(f"worker {self.endpoint}: the connection failed ({stage}: {e.strerror or e})") from None
             if not chunk:
@@ -133,7 +135,7 @@ class _Conn:
             raise WorkerError(f"worker {self.endpoint}: the connection failed ({stage}: {e.strerror or e})") from None
         (size,) = struct.unpack("<Q", self._recv(8, stage))
         if size > 1 << 16:
-            raise WorkerError(f"worker {self.endpoint} is not an RPC worker (a {stage} answer of {size} bytes)")
+            raise _not_a_worker(self.endpoint, f"a {stage} answer of {size} bytes")
         return self._recv(size, stage)
 
 

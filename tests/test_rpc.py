@@ -85,7 +85,7 @@ def test_a_busy_worker_says_so_and_serves_again_when_free(two):
     host, port = rpc.split_endpoint(two[1].endpoint)
     held = socket.create_connection((host, port), timeout=5)  # another client, handshake done, staying
     held.sendall(struct.pack("<BQ", rpc.CMD_HELLO, rpc.CONN_CAPS_SIZE) + bytes(rpc.CONN_CAPS_SIZE))
-    assert len(held.recv(8 + 28, socket.MSG_WAITALL)) == 8 + 28
+    assert len(_exactly(held, 8 + 28)) == 8 + 28
     try:
         start = time.monotonic()
         with pytest.raises(WorkerError) as e:
@@ -121,10 +121,17 @@ def _peer(answer) -> str:
     return f"127.0.0.1:{server.getsockname()[1]}"
 
 
+def _exactly(conn, n: int) -> bytes:
+    out = b""
+    while len(out) < n and (chunk := conn.recv(n - len(out))):
+        out += chunk
+    return out
+
+
 def _read_hello(conn) -> int:
-    cmd, size = struct.unpack("<BQ", conn.recv(9, socket.MSG_WAITALL))
+    cmd, size = struct.unpack("<BQ", _exactly(conn, 9))
     assert cmd == rpc.CMD_HELLO
-    conn.recv(size, socket.MSG_WAITALL) if size else None
+    _exactly(conn, size)
     return size
 
 

@@ -111,15 +111,15 @@ def run(args: argparse.Namespace) -> int:
     from ..units import fmt_bytes
 
     llamacpp.require_rpc()
-    address = bind_address(args.host)
-    check_port(address, args.port)
     if args.threads is not None and args.threads < 1:
         raise WorkerError(f"--threads {args.threads}: give 1 or more")
+    address = bind_address(args.host)
+    if warning := exposure_warning(address):  # before anything can fail: what was asked for is the risk
+        print(warning, file=sys.stderr, flush=True)
+    check_port(address, args.port)
     threads = args.threads or os.cpu_count() or 1
     cache = paths.ensure_dir(paths.rpc_cache_dir() if args.cache is None else Path(args.cache).expanduser(),
                              "the worker's cache folder")
-    if warning := exposure_warning(address):
-        print(warning, file=sys.stderr, flush=True)
 
     endpoint = f"{address}:{args.port}"
     out = _CStdout()

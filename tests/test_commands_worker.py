@@ -54,7 +54,7 @@ def test_worker_prints_itself_reports_clients_and_stops_on_ctrl_c(tmp_path):
         _until(out, "Ctrl-C stops it", seen)
         assert seen[0] == f"worker listening on 127.0.0.1:{port} (llama.cpp RPC protocol 7.0.0)"
         assert seen[1].startswith(f"  RPC0[127.0.0.1:{port}]: CPU, ") and " free of " in seen[1]
-        assert seen[2].startswith("  cores: ") and seen[2].endswith("using 1 threads")
+        assert seen[2].startswith("  cores: ") and seen[2].endswith("using 1 thread")
         assert seen[3] == f"  cache: {cache}" and cache.is_dir()
         assert not any("Starting RPC server" in x or "Accepted client" in x for x in seen)  # llama.cpp's banner caught
 

@@ -125,15 +125,17 @@ def run(args: argparse.Namespace) -> int:
     out = _CStdout()
     server = threading.Thread(target=llamacpp.serve_rpc, args=(endpoint, str(cache), threads), daemon=True)
     server.start()
-    worker = _wait_ready(endpoint, server)
+    anywhere = address == "0.0.0.0"  # every interface: probed here on loopback, named to others by host name
+    worker = _wait_ready(f"127.0.0.1:{args.port}" if anywhere else endpoint, server)
     import psutil
 
     print(f"worker listening on {endpoint} (llama.cpp RPC protocol {'.'.join(map(str, worker.version))})")
     for d in worker.devices:
         print(f"  RPC{d.index}[{endpoint}]: {d.kind.upper()}, {fmt_bytes(d.free)} free of {fmt_bytes(d.total)}")
-    print(f"  cores: {psutil.cpu_count(logical=False) or '?'} ({os.cpu_count()} threads), using {threads} threads")
+    print(f"  cores: {psutil.cpu_count(logical=False) or '?'} ({os.cpu_count()} threads), using {threads} thread{'s' * (threads != 1)}")
     print(f"  cache: {shown(cache)}")
-    print(f"use it with: localmix run MODEL --rpc {endpoint}; Ctrl-C stops it", flush=True)
+    reach = f"{socket.gethostname()}:{args.port}" if anywhere else endpoint
+    print(f"use it with: localmix run MODEL --rpc {shown(reach)}; Ctrl-C stops it", flush=True)
     try:
         while server.is_alive():
             server.join(0.5)

@@ -36,10 +36,10 @@ def parse_endpoint(text: str) -> str:
     raw = text.strip()
     if raw.startswith("[") or raw.count(":") > 1:
         raise WorkerError(f"worker {shown(text)}: llama.cpp's RPC backend speaks IPv4 only; give an IPv4 address or a host name")
-    host, _, port = raw.partition(":")
+    host, colon, port = raw.partition(":")
     if not _HOST.fullmatch(host):
         raise WorkerError(f"worker {shown(text)}: expected HOST:PORT (e.g. 192.168.1.20:{DEFAULT_PORT})")
-    if not _:
+    if not colon:
         return f"{host}:{DEFAULT_PORT}"
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise WorkerError(f"worker {shown(text)}: the port must be a number from 1 to 65535")

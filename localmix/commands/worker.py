@@ -107,8 +107,6 @@ class _CStdout:
 def run(args: argparse.Namespace) -> int:
     from .. import llamacpp, paths
     from ..errors import WorkerError
-    from ..text import shown
-    from ..units import fmt_bytes
 
     llamacpp.require_rpc()
     if args.threads is not None and args.threads < 1:
@@ -122,27 +120,35 @@ def run(args: argparse.Namespace) -> int:
                              "the worker's cache folder")
 
     endpoint = f"{address}:{args.port}"
+    anywhere = address == "0.0.0.0"  # every interface: probed here on loopback, named to others by host name
+    reach = f"{socket.gethostname()}:{args.port}" if anywhere else endpoint
     out = _CStdout()
     server = threading.Thread(target=llamacpp.serve_rpc, args=(endpoint, str(cache), threads), daemon=True)
-    server.start()
-    anywhere = address == "0.0.0.0"  # every interface: probed here on loopback, named to others by host name
-    worker = _wait_ready(f"127.0.0.1:{args.port}" if anywhere else endpoint, server)
-    import psutil
-
-    print(f"worker listening on {endpoint} (llama.cpp RPC protocol {'.'.join(map(str, worker.version))})")
-    for d in worker.devices:
-        print(f"  RPC{d.index}[{endpoint}]: {d.kind.upper()}, {fmt_bytes(d.free)} free of {fmt_bytes(d.total)}")
-    print(f"  cores: {psutil.cpu_count(logical=False) or '?'} ({os.cpu_count()} threads), using {threads} thread{'s' * (threads != 1)}")
-    print(f"  cache: {shown(cache)}")
-    reach = f"{socket.gethostname()}:{args.port}" if anywhere else endpoint
-    print(f"use it with: localmix run MODEL --rpc {shown(reach)}; Ctrl-C stops it", flush=True)
-    try:
+    try:  # from here on a Ctrl-C is the way to stop, whenever it comes
+        server.start()
+        worker = _wait_ready(f"127.0.0.1:{args.port}" if anywhere else endpoint, server)
+        _print_worker(endpoint, reach, worker, threads, cache)
         while server.is_alive():
             server.join(0.5)
     except KeyboardInterrupt:
         print("worker stopped", flush=True)
         return 0
     raise WorkerError(f"llama.cpp's RPC server on {endpoint} stopped: {' / '.join(out.banner[-2:]) or 'no reason given'}")
+
+
+def _print_worker(endpoint: str, reach: str, worker, threads: int, cache: Path) -> None:
+    import psutil
+
+    from ..text import shown
+    from ..units import fmt_bytes
+
+    print(f"worker listening on {endpoint} (llama.cpp RPC protocol {'.'.join(map(str, worker.version))})")
+    for d in worker.devices:
+        print(f"  RPC{d.index}[{endpoint}]: {d.kind.upper()}, {fmt_bytes(d.free)} free of {fmt_bytes(d.total)}")
+    cores = psutil.cpu_count(logical=False) or "?"
+    print(f"  cores: {cores} ({os.cpu_count()} threads), using {threads} thread{'s' * (threads != 1)}")
+    print(f"  cache: {shown(cache)}")
+    print(f"use it with: localmix run MODEL --rpc {shown(reach)}; Ctrl-C stops it", flush=True)
 
 
 def _wait_ready(endpoint: str, server: threading.Thread):

@@ -99,3 +99,11 @@ def test_bad_worker_flags_are_one_line(smol, flags, expect, code):
 
 def test_the_network_names_are_the_planners():
     assert set(NETWORK_NAMES) == set(NETWORKS)
+
+
+@pytest.mark.parametrize("command", [["run", "{model}", "Hello"], ["bench", "{model}"], ["serve", "{model}", "--port", "0"]])
+def test_every_command_that_loads_takes_the_worker_flags(smol, command):
+    port = free_port()
+    args = [str(smol) if a == "{model}" else a for a in command]
+    assert one_line_error(run_cli(*args, "--rpc", f"127.0.0.1:{port}"), f"worker 127.0.0.1:{port} is not running")
+    assert one_line_error(run_cli(*args, "--rpc-vram", "8G"), "--rpc-vram describes workers", code=1)

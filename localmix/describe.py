@@ -76,8 +76,14 @@ def layer_rows(info: ModelInfo, p: Plan) -> list[tuple[str, ...]]:
 
 
 def split_label(p: Plan) -> str:
-    """Where the weights are: '100% CPU', '100% GPU' or '45%/55% CPU/GPU'."""
+    """Where the weights are: '100% CPU', '100% GPU' or '45%/55% CPU/GPU' ('30%/50%/20% CPU/GPU/workers',
+    '40%/60% CPU/workers' with workers)."""
     gpu, cpu = p.vram.get("weights", 0), p.ram["weights"]
+    there = sum(p.remote_memory.values())
+    if there:
+        parts = [(n, b) for n, b in (("CPU", cpu), ("GPU", gpu), ("workers", there)) if b]
+        total = sum(b for _, b in parts)
+        return "/".join(f"{round(100 * b / total)}%" for _, b in parts) + " " + "/".join(n for n, _ in parts)
     if not gpu:
         return "100% CPU"
     share = round(100 * cpu / (cpu + gpu))

@@ -126,3 +126,12 @@ def test_the_plan_in_words_names_the_workers():
     line = summary_line(M22, p)
     assert "; 2 workers 12.7 GiB: experts of layers 0-8; predicted" in line
     assert len(layer_rows(M22, plan(M22, budget(24, 128), CTX))[0]) == 3  # no workers, no columns
+
+
+def test_the_split_label_counts_the_workers():
+    from localmix.describe import split_label
+
+    p = plan(M7, budget(0, 128, worker(network="10gbe", bandwidth=800e9, kind="gpu", memory_gib=20)), CTX)
+    cpu, there = p.ram["weights"], sum(p.remote_memory.values())
+    assert split_label(p) == f"{round(100 * cpu / (cpu + there))}%/{round(100 * there / (cpu + there))}% CPU/workers"
+    assert split_label(plan(M22, budget(24, 45, worker(memory_gib=20)), CTX)).endswith("% CPU/GPU/workers")

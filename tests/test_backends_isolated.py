@@ -2,7 +2,9 @@
 A worker's failure is an abort of the child; here a SIGKILL of the child stands in for it where no worker
 is needed, and real `localmix worker` processes on 127.0.0.1 are killed where one is."""
 
+import dataclasses
 import os
+import re
 import threading
 import time
 
@@ -14,8 +16,9 @@ from localmix.backends.isolated import IsolatedBackend, abort_reason, rebuilt, s
 from localmix.backends.llama import LlamaBackend
 from localmix.errors import ContextFull, LocalmixError, NotInStore, WorkerError
 from localmix.model_info import read_model_info
-from localmix.planner import Budget, plan
+from localmix.planner import Budget, Remote, plan
 from localmix.units import GiB
+from tests.support.workers import workers
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a very long story about a dragon."}]
@@ -164,3 +167,69 @@ def test_messages():
         "worker 127.0.0.1:5002 stopped answering during the reply (llama.cpp: x)"
     assert isinstance(stopped_error("during the reply", "x", w, []), WorkerError)
     assert str(stopped_error("during the reply", "x", (), [])) == "llama.cpp stopped during the reply (x)"
+
+
+# -- with real workers -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with workers(2, threads=1) as ws:
+        yield ws
+
+
+def remote_plan(path, endpoints):
+    """The local plan with the experts of layers 1, 4, 7... on the first worker's CPU and of layers 2, 5,
+    8... on the second's (a localmix worker without a GPU serves its CPU as device 0)."""
+    info, p = local_plan(path)
+    remotes = tuple(Remote(e, 0, "cpu", 4 * GiB) for e in endpoints)
+    experts = [t.name for t in info.tensors if t.role == "expert"]
+    remote = {r.name: tuple(n for n in experts if int(n.split(".")[1]) % 3 == i + 1) for i, r in enumerate(remotes)}
+    return info, dataclasses.replace(p, remote=remote, remotes=remotes)
+
+
+@pytest.fixture(scope="module")
+def remote_backend(smol, pair):
+    info, p = remote_plan(smol, [w.endpoint for w in pair])
+    b = IsolatedBackend(info, p, ctx=1024, threads=1)
+    b.load()
+    yield b
+    b.close()
+
+
+def test_experts_on_two_workers_give_the_local_reply(remote_backend, local_reply):
+    placed = {}
+    for line in remote_backend.load_log:
+        if m := re.search(r"tensor (\S+) .*buffer type overridden to (RPC\S+)", line):
+            placed.setdefault(m[2], set()).add(m[1])
+    assert placed == {name: set(names) for name, names in remote_backend.plan.remote.items()} and len(placed) == 2
+    text, stats = events(remote_backend, FRANCE)
+    assert (text, stats.gen_tokens) == (local_reply[0], local_reply[1].gen_tokens)  # token for token
+
+
+def test_a_worker_killed_mid_reply_then_down_then_back(remote_backend, pair, local_reply):
+    story = prompt.encode(remote_backend.info.prompt, remote_backend.tokenizer, STORY)
+    pid = remote_backend.pid
+    with pytest.raises(WorkerError) as e:
+        for n, _ in enumerate(remote_backend.generate(story, Sampling(max_tokens=200, temperature=0.8, seed=5))):
+            if n == 2:
+                pair[1].kill()
+    assert str(e.value).startswith(f"worker {pair[1].endpoint} stopped answering during the reply (llama.cpp: ")
+    assert "\n" not in str(e.value) and gone(pid)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=f"worker {re.escape(pair[1].endpoint)} is not running"):
+        events(remote_backend, FRANCE)
+    assert time.monotonic() - t0 < 5 and remote_backend.pid is None  # no child started for it
+    pair[1].restart()
+    assert events(remote_backend, FRANCE)[0] == local_reply[0]
+
+
+def test_a_worker_not_running_at_load_is_one_line_before_any_child(smol):
+    info, p = remote_plan(smol, ["127.0.0.1:9", "127.0.0.1:11"])
+    b = IsolatedBackend(info, p, ctx=1024)
+    try:
+        with pytest.raises(WorkerError, match="worker 127.0.0.1:9 is not running"):
+            b.load()
+        assert b.pid is None
+    finally:
+        b.close()

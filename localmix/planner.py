@@ -45,10 +45,13 @@ NETWORKS = {
     "10gbe": (200e-6, 1.17e9),
     "1gbe": (350e-6, 117e6),
 }
-# ggml-rpc's bytes per hop beside the activations: each of the 3 inputs (SET_TENSOR) and the output
-# (GET_TENSOR) carries a 296-byte rpc_tensor, 9 bytes of command header and an offset/size; plus the
-# GRAPH_RECOMPUTE request and the response's size. About 1.3 KB.
-HOP_MESSAGE_BYTES = 4 * (296 + 9 + 16) + 13 + 8
+# ggml-rpc's bytes per hop beside the activations. llama.cpp reuses a graph on a worker (GRAPH_RECOMPUTE)
+# only when it is the device's last one, and each remote layer is another graph: so every hop sends its
+# whole serialized graph again (about 70 rpc_tensor records of 296 bytes), plus the inputs' and output's
+# commands. Measured by benchmarks/rpc.py through a counting proxy: 24.7 KB per remote layer and token
+# on the demo model, 4.6 KB of it activations. The graph of a layer's experts has the same nodes in
+# every llama-architecture MoE, so the constant carries over to Mixtral.
+HOP_MESSAGE_BYTES = 20_000
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ is needed, and real `localmix worker` processes on 127.0.0.1 are killed where on
 import dataclasses
 import os
 import re
+import signal
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 
 from localmix import prompt
 from localmix.backends import Done, Sampling, Text
+from localmix.backends import isolated as isolated_module
 from localmix.backends.isolated import IsolatedBackend, abort_reason, rebuilt, stopped_error
 from localmix.backends.llama import LlamaBackend
 from localmix.errors import ContextFull, LocalmixError, NotInStore, WorkerError
@@ -233,3 +235,21 @@ def test_a_worker_not_running_at_load_is_one_line_before_any_child(smol):
         assert b.pid is None
     finally:
         b.close()
+
+
+def test_a_cancel_of_a_reply_stuck_on_a_silent_worker_ends_it(remote_backend, pair, local_reply, monkeypatch):
+    """A worker stopped (SIGSTOP: its connection stays open, nothing answers) leaves llama.cpp waiting
+    forever; a cancel ends the reply anyway, after a grace period, and the worker serves again once it runs."""
+    monkeypatch.setattr(isolated_module, "CANCEL_GRACE", 1.0)
+    story = prompt.encode(remote_backend.info.prompt, remote_backend.tokenizer, STORY)
+    got = []
+    try:
+        for event in remote_backend.generate(story, Sampling(max_tokens=200, temperature=0.8, seed=6)):
+            got.append(event)
+            if len(got) == 2:
+                os.kill(pair[0].proc.pid, signal.SIGSTOP)
+                threading.Timer(0.5, remote_backend.cancel).start()
+        assert got[-1].stats.stop == "cancelled" and remote_backend.pid is None
+    finally:
+        os.kill(pair[0].proc.pid, signal.SIGCONT)
+    assert events(remote_backend, FRANCE)[0] == local_reply[0]

@@ -21,6 +21,7 @@ import queue
 import re
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -37,6 +38,9 @@ STOP_WAIT = 3.0  # seconds a child is given to end after SIGTERM (then SIGKILL),
 DRAIN_WAIT = 30.0  # seconds an abandoned reply may take to end after its cancel before the child is killed
 PROBE_TIMEOUT = 2.0  # seconds a worker has to answer when a child died: is it the one that stopped?
 CANCEL_REPEAT = 0.02  # seconds between a cancel's repeats in the child until its request has ended
+CANCEL_GRACE = 10.0  # seconds a cancelled reply may take to end before its child is killed (a worker that
+# vanished without a reset leaves llama.cpp's RPC client waiting forever: it has no timeouts)
+POLL = 0.5  # seconds between looks at a cancel's age while a reply's next piece is awaited
 
 
 def endpoints(plan: Plan) -> tuple[str, ...]:
@@ -268,6 +272,7 @@ class IsolatedBackend:
         self._start_lock = threading.Lock()  # one child started at a time
         self._last_id = 0
         self._active: int | None = None  # the request generate() is running
+        self._cancelled_at: float | None = None  # when a cancel of it was asked for
         self._closed = False
 
     @property
@@ -353,6 +358,8 @@ class IsolatedBackend:
     def cancel(self) -> None:
         with self._lock:
             child, rid = self._child, self._active
+            if rid is not None and self._cancelled_at is None:
+                self._cancelled_at = time.monotonic()
         if child is not None and rid is not None:
             child.send(("cancel", rid))
 
@@ -362,7 +369,7 @@ class IsolatedBackend:
             self._last_id += 1
             rid = self._last_id
             if kind == "generate":
-                self._active = rid
+                self._active, self._cancelled_at = rid, None
         child.send((kind, rid, *args))
         return child, rid
 
@@ -373,8 +380,14 @@ class IsolatedBackend:
         ended = False
         try:
             while True:
-                msg = child.recv()
-                if msg[0] == "event":
+                msg = child.recv(POLL)
+                if msg is None:
+                    if self._cancelled_at is not None and time.monotonic() - self._cancelled_at > CANCEL_GRACE:
+                        ended = True  # stuck (a worker gone silent): the child goes, the reply ends as cancelled
+                        self._forget(child)
+                        yield Done(Stats(ctx_total=self.ctx, stop="cancelled"))
+                        return
+                elif msg[0] == "event":
                     yield msg[1]
                 elif msg[0] == "end":
                     ended = True
@@ -389,7 +402,7 @@ class IsolatedBackend:
             raise self._died(child, "during the reply") from None
         finally:
             with self._lock:
-                self._active = None
+                self._active = self._cancelled_at = None
             if not ended:  # abandoned by the caller: stop it, and read up to its end to keep the pipe in step
                 self._drain(child, rid)
 

@@ -200,6 +200,9 @@ def remote_backend(smol, pair):
 
 
 def test_experts_on_two_workers_give_the_local_reply(remote_backend, local_reply):
+    """Equal token for token here, though not by construction: the local CPU runs Q4_K experts repacked
+    (llama.cpp's CPU_REPACK buffers) and a worker runs them as stored, so logits differ slightly from the
+    first remote layer on (bit-identical when neither repacks: use_extra_bufts off)."""
     placed = {}
     for line in remote_backend.load_log:
         if m := re.search(r"tensor (\S+) .*buffer type overridden to (RPC\S+)", line):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import re
 import signal
@@ -177,9 +178,10 @@ def _read(conn, requests: queue.Queue, state: _State, backend) -> None:
             if not conn.poll(CANCEL_REPEAT if pending else None):
                 continue
             msg = conn.recv()
-        except (EOFError, OSError):  # the parent is gone: stop what runs and end
+        except (EOFError, OSError):  # the parent is gone: stop what runs and end, by force if it is stuck
             backend.cancel()
             requests.put(None)
+            threading.Timer(STOP_WAIT, os._exit, (0,)).start()
             return
         if msg[0] == "cancel":
             pending = max(pending, msg[1])

@@ -295,9 +295,9 @@ class _BuftOverride(ctypes.Structure):
 
 
 @contextmanager
-def _model_params(overrides, progress_cb, devices=None):
+def _model_params(overrides, progress_cb, devices=None, repack: bool = True):
     """Make llama-cpp-python start from default model params that already carry our tensor overrides,
-    progress callback and (a NULL-terminated array) devices: its Llama() sets none of them."""
+    progress callback, (a NULL-terminated array) devices and repacking choice: its Llama() sets none of them."""
     import llama_cpp.llama_cpp as C
 
     original = C.llama_model_default_params
@@ -310,6 +310,8 @@ def _model_params(overrides, progress_cb, devices=None):
             p.progress_callback = progress_cb
         if devices is not None:
             p.devices = ctypes.cast(devices, ctypes.c_void_p)
+        if not repack:
+            p.use_extra_bufts = False  # llama.cpp's --no-repack
         return p
 
     with _params_lock:
@@ -455,12 +457,14 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, *, n_gpu_layers: int, cpu_patterns: list[str], ctx: int, threads: int | None,
              flash_attn: bool, kv_type: str = "f16", batch: int = 512,
-             rpc_patterns: dict[tuple[str, int], list[str]] | None = None,
+             rpc_patterns: dict[tuple[str, int], list[str]] | None = None, repack: bool = True,
              progress: Callable[[float], None] | None = None, verbose: bool = False) -> Engine:
         """Load with every layer up to n_gpu_layers offloaded and the tensors matching `cpu_patterns`
         (std::regex_search) pinned to host memory, as `-ngl N -ot PATTERN=CPU` do; those matching
         `rpc_patterns[(endpoint, device)]` go to that device of that worker (`--rpc E -ot PATTERN=RPC<d>[E]`),
-        the workers having been probed (llama.cpp aborts on one that does not answer). ValueError or
+        the workers having been probed (llama.cpp aborts on one that does not answer). `repack` False: the
+        CPU's weights stay as stored (llama.cpp's --no-repack), as a worker keeps them; with it the CPU
+        repacks some types for faster kernels, whose sums differ in the last bits. ValueError or
         ModelFileError, with llama.cpp's own reason, when it refuses the file."""
         import llama_cpp
 
@@ -485,7 +489,7 @@ class Engine:
         progress_cb = llama_cpp.llama_progress_callback(on_progress)
         log: list[str] = []
         errors: list[str] = []
-        with _model_params(overrides, progress_cb, devices), _captured_log(log, verbose, errors), _no_chat_formatter():
+        with _model_params(overrides, progress_cb, devices, repack), _captured_log(log, verbose, errors), _no_chat_formatter():
             try:
                 llm = llama_cpp.Llama(
                     str(path), n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=batch, n_ubatch=batch,

@@ -184,7 +184,8 @@ def _greedy(engine, n: int = 24) -> list[int]:
 
 
 def _load(path, **kw):
-    return llamacpp.Engine.load(path, n_gpu_layers=0, cpu_patterns=[], ctx=256, threads=1, flash_attn=False, **kw)
+    # No repacking: a worker keeps its weights as stored, so the local CPU must too for the same sums.
+    return llamacpp.Engine.load(path, n_gpu_layers=0, cpu_patterns=[], ctx=256, threads=1, flash_attn=False, repack=False, **kw)
 
 
 def test_experts_on_two_workers_give_the_local_tokens(smol, two):

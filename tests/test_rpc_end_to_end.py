@@ -127,8 +127,9 @@ def test_plan_shows_a_column_per_worker_and_their_flags(smol, pair, budget):
 
 
 def test_run_with_experts_on_two_workers_prints_the_local_reply(smol, pair, budget):
-    local = run_cli("run", str(smol), QUESTION_RUN, *GREEDY)
-    remote = run_cli("run", str(smol), QUESTION_RUN, *GREEDY, *rpc_args(pair, budget))
+    # --no-repack on both: a worker keeps its weights as stored, so the same kernels run on the same bytes.
+    local = run_cli("run", str(smol), QUESTION_RUN, *GREEDY, "--no-repack")
+    remote = run_cli("run", str(smol), QUESTION_RUN, *GREEDY, "--no-repack", *rpc_args(pair, budget))
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout and local.stdout.strip()
 

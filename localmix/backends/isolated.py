@@ -108,7 +108,8 @@ def rebuilt(error: tuple[str, str, str]) -> BaseException:
 # -- the child ------------------------------------------------------------------------------------------
 
 
-def _serve(conn, info: ModelInfo, plan: Plan, ctx: int, kv_type: str, threads: int | None, verbose: bool) -> None:
+def _serve(conn, info: ModelInfo, plan: Plan, ctx: int, kv_type: str, threads: int | None, verbose: bool,
+           repack: bool = True) -> None:
     """The child's life: load, then answer requests until the parent closes the pipe."""
     from .llama import LlamaBackend
 
@@ -125,7 +126,7 @@ def _serve(conn, info: ModelInfo, plan: Plan, ctx: int, kv_type: str, threads: i
     on_fatal = getattr(llamacpp, "on_fatal", None)  # H1's; before it, the parent names the workers alone
     if on_fatal is not None:
         on_fatal(lambda message: send("fatal", message))
-    backend = LlamaBackend(info, plan, ctx=ctx, kv_type=kv_type, threads=threads, verbose=verbose)
+    backend = LlamaBackend(info, plan, ctx=ctx, kv_type=kv_type, threads=threads, verbose=verbose, repack=repack)
     try:
         backend.load(lambda f: send("progress", f))
     except Exception as e:  # noqa: BLE001 - handed to the parent
@@ -264,9 +265,9 @@ class IsolatedBackend:
     """LlamaBackend's protocol with the model in a child process (see the module's docstring)."""
 
     def __init__(self, info: ModelInfo, plan: Plan, *, ctx: int, kv_type: str = "f16", threads: int | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, repack: bool = True):
         self.info, self.plan, self.ctx, self.kv_type = info, plan, ctx, kv_type
-        self.threads, self.verbose = threads, verbose
+        self.threads, self.verbose, self.repack = threads, verbose, repack
         self._child: _Child | None = None
         self._vocab = None
         self._log: list[str] = []
@@ -314,7 +315,7 @@ class IsolatedBackend:
             ctx = multiprocessing.get_context("spawn")
             here, there = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=_serve, name="localmix-model", daemon=True,
-                               args=(there, self.info, self.plan, self.ctx, self.kv_type, self.threads, self.verbose))
+                               args=(there, self.info, self.plan, self.ctx, self.kv_type, self.threads, self.verbose, self.repack))
             try:
                 proc.start()
             finally:

@@ -20,9 +20,9 @@ from . import Done, Sampling, Speed, Stats, Text
 
 class LlamaBackend:
     def __init__(self, info: ModelInfo, plan: Plan, *, ctx: int, kv_type: str = "f16", threads: int | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, repack: bool = True):
         self.info, self.plan, self.ctx, self.kv_type = info, plan, ctx, kv_type
-        self.threads, self.verbose = threads, verbose
+        self.threads, self.verbose, self.repack = threads, verbose, repack
         self.engine: Engine | None = None
         self._cancel = threading.Event()
 
@@ -31,7 +31,7 @@ class LlamaBackend:
         workers loads in a process of its own (backends/isolated.py): llama.cpp aborts when a worker fails."""
         self.engine = Engine.load(
             self.info.path, n_gpu_layers=gpu_layers_arg(self.info, self.plan), cpu_patterns=override_patterns(self.plan),
-            rpc_patterns=remote_patterns(self.plan),
+            rpc_patterns=remote_patterns(self.plan), repack=self.repack,
             ctx=self.ctx, threads=self.threads, kv_type=self.kv_type, progress=progress, verbose=self.verbose,
             # Flash attention: on the GPU always; on the CPU when the KV cache is quantized (llama.cpp
             # needs it for a quantized V cache).

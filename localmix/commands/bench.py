@@ -8,7 +8,7 @@ import argparse
 import json
 
 from ..units import GiB
-from .common import add_budget_arguments, add_threads_argument, tokens
+from .common import add_budget_arguments, add_repack_argument, add_threads_argument, tokens
 
 # Prompt text for the prefill measurement, repeated to the requested length.
 TEXT = (
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=tokens, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=tokens, default=64, help="tokens to decode (default 64)")
     add_threads_argument(p)
+    add_repack_argument(p)
     p.add_argument("--json", action="store_true", help="results as JSON")
 
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise LocalmixError(f"--ctx {p.ctx} leaves no room for a prompt beside --gen-tokens {args.gen_tokens}")
     rows = []
     for plan in configs(info, budget, p.ctx, p.kv_type):
-        backend = load(replace(p, plan=plan), threads=args.threads)
+        backend = load(replace(p, plan=plan), threads=args.threads, repack=args.repack)
         try:
             got = backend.measure(prompt_tokens(backend.tokenizer, n_prompt), args.gen_tokens)
         finally:

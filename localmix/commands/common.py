@@ -67,6 +67,12 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=threads, default=None, help="CPU threads (default: physical cores)")
 
 
+def add_repack_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="keep the CPU's weights as stored, as a worker does (llama.cpp's --no-repack: slower here, "
+                        "but the same sums as experts on workers)")
+
+
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram", type=size, metavar="SIZE", help="GPU memory to plan for (default: free VRAM found; 0 = CPU only)")
     p.add_argument("--ram", type=size, metavar="SIZE", help="RAM to plan for (default: available RAM)")

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from .common import add_budget_arguments, add_threads_argument, bounded, tokens
+from .common import add_budget_arguments, add_repack_argument, add_threads_argument, bounded, tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     add_budget_arguments(p)
     add_threads_argument(p)
+    add_repack_argument(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json-schema", metavar="FILE", help="constrain the reply to JSON valid under this schema")
     out.add_argument("--json", action="store_true", help="constrain the reply to a JSON object")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     _prompt_text(p.model, msgs, toolset)  # a chat template that fails says so now, not after minutes of loading
     if args.verbose:
         print(f"plan: {summary_line(p.info, p.plan)}", file=sys.stderr)
-    backend = load(p, threads=args.threads)
+    backend = load(p, threads=args.threads, repack=args.repack)
     t_load = time.perf_counter() - t0
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     grammar = None

@@ -34,6 +34,12 @@ RESERVE = 512 * MiB  # VRAM left free: allocator slack, fragmentation, the drive
 GPU_LAYER_OVERHEAD = 80e-6
 CPU_LAYER_OVERHEAD = 200e-6
 SPLIT_LAYER_OVERHEAD = 60e-6  # a layer whose experts run on the CPU: activations go to the host and back
+# What a layer on a worker costs beyond its link's hop (a one-op graph's round trip, as rpc.measure_link
+# times it) and its reads: the worker deserializes the layer's graph (about 70 tensors) and runs its ~10
+# ops, and the client's scheduler copies the split's inputs and synchronizes. Fitted with benchmarks/rpc.py
+# on loopback workers: 0.36-0.52 ms measured per remote layer (10, 20, 30 layers) against 0.22-0.27 ms
+# predicted without it.
+REMOTE_LAYER_OVERHEAD = 200e-6
 
 # Networks for --rpc-network: (hop_seconds, bytes/s). A hop is one round trip of a layer's activations
 # plus the worker's dispatch of its graph split (ggml-rpc's GRAPH_RECOMPUTE: waking its threads, ~50-100
@@ -155,7 +161,7 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
             active_params += t.n_elements * share
     remotes = {r.name: r for r in where.values()}
     hop = [remotes[name] for _, name in hops]
-    t_remote += sum(r.hop_seconds + hop_bytes(m) / r.link_bandwidth for r in hop)
+    t_remote += sum(hop_cost(m, r) for r in hop)
     # A micro-batch sends ubatch tokens' activations in one hop per layer.
     t_remote_batch += sum(r.hop_seconds / ubatch + hop_bytes(m) / r.link_bandwidth for r in hop)
     t_decode = t_remote + (
@@ -300,11 +306,16 @@ def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int = 
     return p
 
 
+def hop_cost(m: ModelInfo, r: Remote) -> float:
+    """Seconds per token of one layer's hop to worker device r and back, its reads aside."""
+    return r.hop_seconds + REMOTE_LAYER_OVERHEAD + hop_bytes(m) / r.link_bandwidth
+
+
 def remote_gain(m: ModelInfo, b: Budget, r: Remote, tensors: list[Tensor]) -> float:
     """Seconds per token saved by reading `tensors` (one layer's) on worker device r instead of local RAM
     (negative: slower there)."""
     read = sum(t.nbytes * m.read_fraction(t) for t in tensors)
-    return read / b.cpu_bandwidth - (r.hop_seconds + hop_bytes(m) / r.link_bandwidth + read / r.bandwidth)
+    return read / b.cpu_bandwidth - (hop_cost(m, r) + read / r.bandwidth)
 
 
 def place_remote(m: ModelInfo, b: Budget, local: Plan) -> dict[str, list[str]]:

@@ -21,8 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from localmix.units import GiB
-from tests.support.ggufs import sparse_split
-from tests.support.shapes import MIXTRAL_8X22B, nbytes, types
+from tests.support.shapes import sparse_mixtral_8x22b
 
 WORKER = "192.168.1.2:50052"  # never contacted: --rpc-ram plans for it
 DESKTOP = ["--vram", "24G", "--ram-bandwidth", "80GB/s", "--ctx", "4096"]
@@ -42,14 +41,7 @@ CASES = [  # (label, RAM, worker flags)
 
 def mixtral_8x22b(folder: Path) -> Path:
     """The first part of a sparse split GGUF of Mixtral 8x22B at Q4_K_M."""
-    m = MIXTRAL_8X22B
-    kv = {"general.architecture": "llama", "general.name": "Mixtral-8x22B-shaped", "general.file_type": 15,
-          "llama.block_count": m["n_layer"], "llama.context_length": m["ctx"], "llama.embedding_length": m["n_embd"],
-          "llama.feed_forward_length": m["n_ff"], "llama.attention.head_count": m["n_head"],
-          "llama.attention.head_count_kv": m["n_kv"], "llama.expert_count": 8, "llama.expert_used_count": 2,
-          "llama.vocab_size": m["vocab"], "llama.rope.freq_base": 1e6}
-    tensors = [(name, shape, t, nbytes(t, shape)) for name, (t, shape) in types(m, "Q4_K_M").items()]
-    return sparse_split(folder / "Mixtral-8x22B-Q4_K_M.gguf", kv, tensors, max_size=30 * GiB)[0]
+    return sparse_mixtral_8x22b(folder / "Mixtral-8x22B-Q4_K_M.gguf")[0]
 
 
 def plan(model: Path, ram: str, flags: list[str]) -> dict | str:

@@ -10,20 +10,12 @@ import pytest
 
 from localmix.units import GiB
 from tests.support.cli import one_line_error, run_cli
-from tests.support.ggufs import sparse_split
-from tests.support.shapes import MIXTRAL_8X22B, nbytes, types
+from tests.support.shapes import sparse_mixtral_8x22b
 
 
 @pytest.fixture(scope="module")
 def mixtral_8x22b_split(tmp_path_factory):
-    m = MIXTRAL_8X22B
-    kv = {"general.architecture": "llama", "general.name": "Mixtral-8x22B-shaped", "general.file_type": 15,
-          "llama.block_count": m["n_layer"], "llama.context_length": m["ctx"], "llama.embedding_length": m["n_embd"],
-          "llama.feed_forward_length": m["n_ff"], "llama.attention.head_count": m["n_head"],
-          "llama.attention.head_count_kv": m["n_kv"], "llama.expert_count": 8, "llama.expert_used_count": 2,
-          "llama.vocab_size": m["vocab"], "llama.rope.freq_base": 1e6}
-    tensors = [(name, shape, t, nbytes(t, shape)) for name, (t, shape) in types(m, "Q4_K_M").items()]
-    parts = sparse_split(tmp_path_factory.mktemp("8x22b") / "Mixtral-8x22B-Q4_K_M.gguf", kv, tensors, max_size=30 * GiB)
+    parts = sparse_mixtral_8x22b(tmp_path_factory.mktemp("8x22b") / "Mixtral-8x22B-Q4_K_M.gguf")
     assert len(parts) == 3 and sum(p.stat().st_size for p in parts) > 84e9
     return parts
 

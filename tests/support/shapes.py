@@ -54,3 +54,19 @@ def model_info(m: dict, out: str = "Q4_K_M") -> ModelInfo:
         head_dim=m["n_embd"] // m["n_head"], n_ff=m["n_ff"], n_expert=8, n_expert_used=2, n_ctx_train=m["ctx"],
         n_vocab=m["vocab"], tensors=tuple(tensors), name=m["name"], file_type=out,
     )
+
+
+def sparse_mixtral_8x22b(path) -> list:
+    """A split GGUF of Mixtral 8x22B at Q4_K_M with its real header and tensor table, as sparse files (85 GB
+    on paper, headers real, data left as holes): the parts' paths."""
+    from localmix.units import GiB
+    from tests.support.ggufs import sparse_split
+
+    m = MIXTRAL_8X22B
+    kv = {"general.architecture": "llama", "general.name": "Mixtral-8x22B-shaped", "general.file_type": 15,
+          "llama.block_count": m["n_layer"], "llama.context_length": m["ctx"], "llama.embedding_length": m["n_embd"],
+          "llama.feed_forward_length": m["n_ff"], "llama.attention.head_count": m["n_head"],
+          "llama.attention.head_count_kv": m["n_kv"], "llama.expert_count": 8, "llama.expert_used_count": 2,
+          "llama.vocab_size": m["vocab"], "llama.rope.freq_base": 1e6}
+    tensors = [(name, shape, t, nbytes(t, shape)) for name, (t, shape) in types(m, "Q4_K_M").items()]
+    return sparse_split(path, kv, tensors, max_size=30 * GiB)

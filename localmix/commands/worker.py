@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="IPv4 address to listen on (default 127.0.0.1: this machine only); the protocol has no "
                         "authentication: listen on another address only on a network you trust")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the work it is given (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the work it is given (default: physical cores)")
     p.add_argument("--cache", default=None,
                    help="folder where it keeps tensors it was sent, so that later loads of the same model send "
                         "only their hashes (default: localmix's cache folder)")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if warning := exposure_warning(address):  # before anything can fail: what was asked for is the risk
         print(warning, file=sys.stderr, flush=True)
     check_port(address, args.port)
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or _physical_cores()
     cache = paths.ensure_dir(paths.rpc_cache_dir() if args.cache is None else Path(args.cache).expanduser(),
                              "the worker's cache folder")
 
@@ -134,6 +134,12 @@ def run(args: argparse.Namespace) -> int:
         print("worker stopped", flush=True)
         return 0
     raise WorkerError(f"llama.cpp's RPC server on {endpoint} stopped: {' / '.join(out.banner[-2:]) or 'no reason given'}")
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def _print_worker(endpoint: str, reach: str, worker, threads: int, cache: Path) -> None:

@@ -186,3 +186,92 @@ def detect(probe: bool = True, measure: bool = False) -> Hardware:
         hw.probes = len(samples)
         hw.measured = max(s.get("at", 0) for s in samples)
     return hw
+
+
+# -- threads under load -------------------------------------------------------------------------------------
+# llama.cpp's threads meet at a barrier after every op, so a step runs at the pace of its slowest thread:
+# one thread sharing a core with another program more than halves decode (measured on the project's 2-core
+# machine: 42.8 tok/s idle with 2 threads, 16-18 with one core busy, 30.9 with 1 thread). So a core is
+# counted as taken when another program keeps it more than BUSY_CORE busy: a core at 30% (a terminal, a
+# browser tab now and then) still gives its thread most of each step; one at 80-100% does not
+# (benchmarks/runtime_tuning.py).
+BUSY_CORE = 0.5
+# Load is measured over at least this long: a shorter window is a few scheduler ticks of noise.
+MIN_WINDOW = 0.2
+
+
+@dataclass(frozen=True)
+class Threads:
+    decode: int  # threads for one-token steps
+    batch: int  # threads for prompt batches
+    physical: int  # physical cores
+    busy: float  # cores' worth of CPU other processes used when sampled
+    given: bool = False  # --threads said so
+
+    def describe(self) -> str:
+        n = f"{self.decode} thread{'s' if self.decode != 1 else ''}"
+        if self.batch != self.decode:
+            n += f" ({self.batch} for prompts)"
+        if self.given:
+            return f"{n} (--threads)"
+        load = f"{self.busy:.1f} busy with other programs" if self.busy >= BUSY_CORE else f"{self.busy:.1f} busy"
+        return f"{n} ({self.physical} cores, {load})"
+
+
+def taken_cores(busy: float) -> int:
+    """Whole cores other programs take: `busy` cores' worth, a core counting once it is over BUSY_CORE busy."""
+    whole = int(busy)
+    return whole + (busy - whole > BUSY_CORE)
+
+
+def choose_threads(physical: int, busy: float) -> Threads:
+    """The rule: one thread per core that other programs leave free, never more than the physical cores,
+    at least one. Prompt batches use the same count (benchmarks/runtime_tuning.py: with one of two cores
+    busy, prefill with 2 threads is no faster than with 1)."""
+    n = max(1, min(physical, physical - taken_cores(max(0.0, busy))))
+    return Threads(decode=n, batch=n, physical=physical, busy=max(0.0, busy))
+
+
+@dataclass(frozen=True)
+class _Sample:
+    at: float  # time.monotonic()
+    system_busy: float  # CPU seconds all processes used (every CPU together), from /proc/stat or the OS
+    own: float  # CPU seconds this process used
+
+
+def _sample() -> _Sample:
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    own = psutil.Process().cpu_times()
+    return _Sample(time.monotonic(), busy, own.user + own.system)
+
+
+_last: dict = {}  # "sample": the previous sample, "load": what it measured; a reply waits for no probe
+
+
+def other_load(min_window: float = MIN_WINDOW) -> float:
+    """Cores' worth of CPU other processes used since the previous call (this process's own threads
+    excluded: llama.cpp's threads spinning between steps are not load). Only the first call waits (for
+    `min_window`); a call within `min_window` of the previous one answers what that one measured, later
+    ones cost a few reads of /proc. Guest time is already counted in user time, so it is taken out."""
+    start = _last.get("sample")
+    if start is None:
+        start = _sample()
+        time.sleep(min_window)
+    elif time.monotonic() - start.at < min_window:
+        return _last["load"]
+    now = _sample()
+    load = max(0.0, (now.system_busy - start.system_busy - (now.own - start.own)) / (now.at - start.at))
+    _last.update(sample=now, load=load)
+    return load
+
+
+def auto_threads(given: int | None = None) -> Threads:
+    """Threads for the next reply: `given` (--threads) as is, else chosen from the cores other programs
+    leave free now."""
+    physical = physical_cores()
+    if given:
+        return Threads(decode=given, batch=given, physical=physical, busy=0.0, given=True)
+    return choose_threads(physical, other_load())

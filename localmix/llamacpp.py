@@ -442,6 +442,20 @@ class Engine:
             self._abort_cb = llama_cpp.ggml_abort_callback(_c_strlen())
             llama_cpp.llama_set_abort_callback(llm._ctx.ctx, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p))
 
+    def set_threads(self, decode: int, batch: int) -> None:
+        """Threads for one-token steps and for prompt batches, from the next evaluation on."""
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self.llm._ctx.ctx, decode, batch)
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        """(decode, batch) threads llama.cpp's context uses now."""
+        import llama_cpp
+
+        ctx = self.llm._ctx.ctx
+        return llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)
+
     @property
     def _aborting(self) -> bool:
         return self._abort_flag.value != b""
@@ -456,7 +470,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, *, n_gpu_layers: int, cpu_patterns: list[str], ctx: int, threads: int | None,
-             flash_attn: bool, kv_type: str = "f16", batch: int = 512,
+             flash_attn: bool, kv_type: str = "f16", batch: int = 512, ubatch: int | None = None,
              rpc_patterns: dict[tuple[str, int], list[str]] | None = None, repack: bool = True,
              progress: Callable[[float], None] | None = None, verbose: bool = False) -> Engine:
         """Load with every layer up to n_gpu_layers offloaded and the tensors matching `cpu_patterns`
@@ -465,7 +479,8 @@ class Engine:
         the workers having been probed (llama.cpp aborts on one that does not answer). `repack` False: the
         CPU's weights stay as stored (llama.cpp's --no-repack), as a worker keeps them; with it the CPU
         repacks some types for faster kernels, whose sums differ in the last bits. ValueError or
-        ModelFileError, with llama.cpp's own reason, when it refuses the file."""
+        ModelFileError, with llama.cpp's own reason, when it refuses the file. `batch` is n_batch (tokens
+        per llama_decode call), `ubatch` n_ubatch (tokens per graph evaluation; None: `batch`)."""
         import llama_cpp
 
         rpc_patterns = {k: v for k, v in (rpc_patterns or {}).items() if v}
@@ -492,7 +507,7 @@ class Engine:
         with _model_params(overrides, progress_cb, devices, repack), _captured_log(log, verbose, errors), _no_chat_formatter():
             try:
                 llm = llama_cpp.Llama(
-                    str(path), n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=batch, n_ubatch=batch,
+                    str(path), n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=batch, n_ubatch=min(ubatch or batch, batch),
                     n_threads=threads, n_threads_batch=threads, flash_attn=flash_attn,
                     type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=verbose, tensor_split=split,
                 )

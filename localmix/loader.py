@@ -152,7 +152,8 @@ def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None
 
 def load(p: Planned, *, threads: int | None = None, progress: Callable[[float], None] | None = None,
          verbose: bool = False, repack: bool = True):
-    """The model loaded by llama.cpp with the plan (threads: physical cores unless given): a LlamaBackend,
+    """The model loaded by llama.cpp with the plan (threads None: chosen at each reply from the cores other
+    programs leave free, hardware.auto_threads; a number: that many): a LlamaBackend,
     or with experts on workers an IsolatedBackend (llama.cpp aborts the process when a worker fails: the
     model runs in a child)."""
     cls = LlamaBackend
@@ -160,7 +161,7 @@ def load(p: Planned, *, threads: int | None = None, progress: Callable[[float], 
         from .backends.isolated import IsolatedBackend
 
         cls = IsolatedBackend
-    backend = cls(p.info, p.plan, ctx=p.ctx, kv_type=p.kv_type, threads=threads or p.hardware.cores, verbose=verbose,
+    backend = cls(p.info, p.plan, ctx=p.ctx, kv_type=p.kv_type, threads=threads, verbose=verbose,
                   repack=repack)
     backend.load(progress)
     return backend

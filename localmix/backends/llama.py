@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ..errors import ContextFull, LocalmixError
+from ..hardware import Threads, auto_threads
 from ..llamacpp import Engine
 from ..model_info import ModelInfo
 from ..planner import Plan, gpu_layers_arg, override_patterns, remote_patterns
@@ -19,24 +20,40 @@ from . import Done, Sampling, Speed, Stats, Text
 
 
 class LlamaBackend:
+    """`threads` None: chosen from the cores other programs leave free, again at the start of every reply
+    (hardware.auto_threads; llama.cpp takes a new count between evaluations); a number: that many, always."""
+
     def __init__(self, info: ModelInfo, plan: Plan, *, ctx: int, kv_type: str = "f16", threads: int | None = None,
                  verbose: bool = False, repack: bool = True):
         self.info, self.plan, self.ctx, self.kv_type = info, plan, ctx, kv_type
         self.threads, self.verbose, self.repack = threads, verbose, repack
         self.engine: Engine | None = None
+        self.threads_now: Threads | None = None  # the latest choice, for --verbose and stats
         self._cancel = threading.Event()
 
     def load(self, progress: Callable[[float], None] | None = None) -> None:
         """ModelFileError with llama.cpp's own reason when it refuses the file (Engine.load). A plan with
         workers loads in a process of its own (backends/isolated.py): llama.cpp aborts when a worker fails."""
+        self.threads_now = auto_threads(self.threads)
         self.engine = Engine.load(
             self.info.path, n_gpu_layers=gpu_layers_arg(self.info, self.plan), cpu_patterns=override_patterns(self.plan),
             rpc_patterns=remote_patterns(self.plan), repack=self.repack,
-            ctx=self.ctx, threads=self.threads, kv_type=self.kv_type, progress=progress, verbose=self.verbose,
+            ctx=self.ctx, threads=self.threads_now.decode, kv_type=self.kv_type, progress=progress, verbose=self.verbose,
+            batch=getattr(self.plan, "n_batch", 512), ubatch=getattr(self.plan, "n_ubatch", 512),
             # Flash attention: on the GPU always; on the CPU when the KV cache is quantized (llama.cpp
             # needs it for a quantized V cache).
             flash_attn=self.plan.n_gpu_layers > 0 or self.kv_type != "f16",
         )
+        self.engine.set_threads(self.threads_now.decode, self.threads_now.batch)
+
+    def _rethread(self) -> None:
+        """With automatic threads, the count for what the machine looks like now, set when it changed."""
+        if self.threads:
+            return
+        now = auto_threads()
+        if (now.decode, now.batch) != self.engine.threads:
+            self.engine.set_threads(now.decode, now.batch)
+        self.threads_now = now
 
     @property
     def tokenizer(self) -> Engine:
@@ -55,6 +72,7 @@ class LlamaBackend:
         eng = self.engine
         self._cancel.clear()
         t0 = time.perf_counter()
+        self._rethread()
         if len(tokens) >= self.ctx:
             raise ContextFull(f"the prompt has {len(tokens)} tokens, the context holds {self.ctx}")
         if grammar is not None and not eng.accepts_grammar(grammar):
@@ -100,6 +118,7 @@ class LlamaBackend:
 
     def measure(self, prompt_tokens: list[int], gen_tokens: int) -> Speed:
         eng = self.engine
+        self._rethread()
         eng.forget()
         eng.reset_perf()
         eng.evaluate(prompt_tokens)

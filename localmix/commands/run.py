@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(show(text))
     sys.stdout.write("\n")
     if args.verbose and stats is not None:
-        _print_timings(stats, time.perf_counter() - t0, t_load, p.plan.decode_tps)
+        _print_timings(stats, time.perf_counter() - t0, t_load, p.plan.decode_tps, getattr(backend, "threads_now", None))
     return 0
 
 
@@ -135,7 +135,9 @@ def _stdin_prompt() -> str:
     return text
 
 
-def _print_timings(s, total: float, t_load: float, predicted: float) -> None:
+def _print_timings(s, total: float, t_load: float, predicted: float, threads=None) -> None:
+    if threads is not None:  # the choice made for this reply (an isolated backend's child keeps its own)
+        print(f"threads:              {threads.describe()}", file=sys.stderr)
     print(
         f"total duration:       {total:.2f}s\n"
         f"load duration:        {t_load:.2f}s\n"

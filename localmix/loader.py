@@ -13,7 +13,7 @@ from .errors import LocalmixError
 from .hardware import DECODE_READ_EFFICIENCY, DEFAULT_GPU_BANDWIDTH, PCIE_BANDWIDTH, Hardware, detect
 from .model_info import ModelInfo, model_info
 from .modelfile import ModelFile, open_model_file
-from .planner import NETWORKS, Budget, Plan, Remote, plan
+from .planner import NETWORKS, Budget, Plan, Remote, default_context, plan
 from .units import DEFAULT_CTX, GiB
 
 DEFAULT_NETWORK = "1gbe"  # a worker planned without contact: the common home network
@@ -125,8 +125,10 @@ def remotes(endpoints: Sequence[str], rpc_ram: Sequence[int] | None, rpc_vram: S
 def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None, ctx: int | None = None,
             kv_type: str = "f16", ram_bandwidth: float | None = None, measure: bool = False, rpc: Sequence[str] = (),
             rpc_ram: Sequence[int] | None = None, rpc_vram: Sequence[int] | None = None, rpc_network: str | None = None,
-            rpc_bandwidth: float | None = None) -> Planned:
-    """Read and plan. `ctx` None: DEFAULT_CTX, lowered (with a note) to what the model was trained on.
+            rpc_bandwidth: float | None = None, ubatch: int | None = None, auto_context: bool = False) -> Planned:
+    """Read and plan. `ctx` None: DEFAULT_CTX, lowered (with a note) to what the model was trained on; with
+    `auto_context` (chat, serve) planner.default_context instead: the longest context up to the trained one
+    that keeps predicted decode within 10% of its best on this budget. `ubatch`: --ubatch (None: the plan's).
     `rpc`: workers' endpoints (host:port). One given a --rpc-ram/--rpc-vram size (`rpc_ram`/`rpc_vram`: one
     per endpoint, or one for all) is planned without contact: its link from `rpc_network` (default 1gbe),
     its RAM's bandwidth `rpc_bandwidth` (bytes/s, as --ram-bandwidth) or this machine's. The others are
@@ -134,16 +136,19 @@ def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None
     mf = open_model_file(path)
     info = model_info(mf)
     notes = ()
-    if ctx is None:
-        ctx = min(DEFAULT_CTX, info.n_ctx_train)
-        if ctx < DEFAULT_CTX:
-            notes = (f"context {ctx} tokens, the longest this model was trained on",)
-    elif ctx > info.n_ctx_train:
+    if ctx is not None and ctx > info.n_ctx_train:
         raise LocalmixError(f"--ctx {ctx} is longer than the model's trained context ({info.n_ctx_train})")
     hw, budget = machine_and_budget(vram, ram, ram_bandwidth, measure=measure)
     if rpc:
         budget = replace(budget, remotes=remotes(rpc, rpc_ram, rpc_vram, rpc_network, rpc_bandwidth, budget.cpu_bandwidth, measure))
-    p = plan(info, budget, ctx, kv_type)
+    if ctx is None and auto_context:
+        ctx = default_context(info, budget, kv_type)
+        notes = (f"context {ctx} tokens: the longest that keeps predicted decode within 10% of its best (--ctx to choose)",)
+    elif ctx is None:
+        ctx = min(DEFAULT_CTX, info.n_ctx_train)
+        if ctx < DEFAULT_CTX:
+            notes = (f"context {ctx} tokens, the longest this model was trained on",)
+    p = plan(info, budget, ctx, kv_type, ubatch)
     unused = [e for e in dict.fromkeys(rpc) if e not in {r.endpoint for r in p.remotes}]
     if unused:
         notes += (f"nothing placed on {', '.join(unused)}: no layer's experts fit there, or they run quicker here",)

@@ -41,6 +41,25 @@ SPLIT_LAYER_OVERHEAD = 60e-6  # a layer whose experts run on the CPU: activation
 # predicted without it.
 REMOTE_LAYER_OVERHEAD = 200e-6
 
+# Micro-batch sizes (llama.cpp's n_ubatch) the planner tries. With experts in RAM and a GPU, llama.cpp copies
+# every CPU-resident expert over PCIe once per micro-batch (batches of 32 tokens or more run their matmuls on
+# the GPU, and with 8 experts a batch of 32 uses practically all of them): a larger micro-batch divides that
+# copy among more tokens, at the cost of a larger compute buffer in VRAM.
+UBATCHES = (512, 1024, 2048, 4096)
+UBATCH = 512  # without a GPU: the CPU's matmuls gain nothing from larger micro-batches (llama.cpp's default)
+# The rule between candidates: decode first, within a tolerance. A larger micro-batch's compute buffer displaces
+# experts to RAM, so with experts in RAM every larger micro-batch costs some decode: a strict "never a worse
+# decode" would always keep 512 (on paper, 8x7B Q4_K_M on 8-24 GiB and 8x22B on 8-48 GiB). A micro-batch may cost
+# at most this share of the best predicted decode (a few tokens in a hundred of a reply); among those within
+# it, the quickest prefill of a 4096-token prompt, which it can make 2-3x quicker (8x7B on 12 GiB: 2048, 523
+# -> 1121 tok/s for 3.9% of decode; 8x22B on 24 GiB: 4096, 151 -> 442 tok/s for 2.8%).
+UBATCH_DECODE_TOLERANCE = 0.05
+PROMPT = 512  # tokens of the prompt Plan.prefill_tps is predicted for
+# Share of hardware.cpu_flops llama.cpp's CPU prompt processing reaches on quantized weights (dequantizing
+# K-quant blocks, the MoE's per-expert gathers, a thread barrier per op), fitted with `localmix bench` on the
+# project's 2-core machine (see CPU_PREFILL_FIT below).
+CPU_PREFILL_EFFICIENCY = 0.5
+
 # Networks for --rpc-network: (hop_seconds, bytes/s). A hop is one round trip of a layer's activations
 # plus the worker's dispatch of its graph split (ggml-rpc's GRAPH_RECOMPUTE: waking its threads, ~50-100
 # us). Typical TCP round trips: loopback 20-50 us; 10 GbE 50-100 us (NIC interrupt moderation dominates);
@@ -104,6 +123,8 @@ class Plan:
     remotes: tuple[Remote, ...] = ()  # the Remotes used, in the order of `remote`
     remote_memory: dict = field(default_factory=dict)  # Remote.name -> bytes of weights there
     rpc_devices: tuple[tuple[str, int], ...] = ()  # each endpoint used and its device count (for llama-server's -ts)
+    n_batch: int = UBATCH  # llama.cpp's n_batch: tokens per llama_decode call (= n_ubatch: one GPU, no pipelining)
+    n_ubatch: int = UBATCH  # llama.cpp's n_ubatch: tokens per graph evaluation (and per copy of the RAM's experts)
 
     @property
     def vram_total(self) -> int:
@@ -135,12 +156,13 @@ def hop_bytes(m: ModelInfo) -> int:
     return 4 * m.n_embd + 8 * m.n_expert_used + 4 * m.n_embd + HOP_MESSAGE_BYTES
 
 
-def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, ubatch: int = 512,
-            remote: dict | None = None) -> tuple[float, float]:
-    """(decode, prefill) tokens per second for a placement (`remote`: Remote.name -> tensor names)."""
+def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, ubatch: int = UBATCH,
+            remote: dict | None = None, prompt: int = PROMPT) -> tuple[float, float]:
+    """(decode, prefill of a `prompt`-token prompt) tokens per second for a placement (`remote`: Remote.name
+    -> tensor names)."""
     gpu_bytes = cpu_bytes = 0.0
     active_params = 0.0
-    cpu_expert_bytes = 0
+    copied = 0  # bytes of weights in RAM whose matmuls a GPU batch runs there (copied over PCIe)
     where = _remote_of(b, remote)
     t_remote = t_remote_batch = 0.0
     hops: set[tuple[int, str]] = set()
@@ -155,8 +177,8 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
             gpu_bytes += t.nbytes * share
         else:
             cpu_bytes += t.nbytes * share
-            if t.role == "expert":
-                cpu_expert_bytes += t.nbytes
+            if t.role != "embed":  # token_embd is a row lookup: never copied
+                copied += t.nbytes
         if r is None:
             active_params += t.n_elements * share
     remotes = {r.name: r for r in where.values()}
@@ -171,14 +193,33 @@ def predict(m: ModelInfo, gpu: frozenset[str], n_gpu_layers: int, b: Budget, uba
         + (m.n_layer - n_gpu_layers) * CPU_LAYER_OVERHEAD
         + len(split_layers(m, gpu, n_gpu_layers)) * SPLIT_LAYER_OVERHEAD
     )
-    flops = 2 * active_params
-    if n_gpu_layers and b.vram:
-        # Large batches: llama.cpp copies CPU-resident weights to the GPU for each micro-batch.
-        t_batch = cpu_expert_bytes / b.pcie_bandwidth + flops * ubatch / b.gpu_flops
-        t_prefill = t_batch / ubatch
-    else:
-        t_prefill = flops / b.cpu_flops
+    t_prefill = prefill_seconds(m, b, 2 * active_params, copied if n_gpu_layers and b.vram else None, ubatch, prompt)
     return 1.0 / t_decode, 1.0 / (t_prefill + t_remote_batch)
+
+
+def attention_flops(m: ModelInfo, prompt: int) -> float:
+    """FLOPs per token of attention's scores and weighted sum (QK^T and PV) over a `prompt`-token prompt:
+    a token at position i attends to i earlier ones, i = prompt / 2 on average: the quadratic part."""
+    return 2 * m.n_layer * m.n_head * m.head_dim * prompt
+
+
+def prefill_seconds(m: ModelInfo, b: Budget, flops: float, copied: int | None, ubatch: int, prompt: int) -> float:
+    """Seconds per prompt token. `flops`: the weights' FLOPs per token; `copied`: bytes in RAM copied to the
+    GPU per micro-batch (None: no GPU, the CPU computes everything at its fitted rate)."""
+    flops += attention_flops(m, prompt)
+    if copied is None:
+        return flops / (b.cpu_flops * CPU_PREFILL_EFFICIENCY)
+    ubatch = min(ubatch, prompt)  # a shorter prompt is one smaller micro-batch, and still copies every expert
+    return (copied / b.pcie_bandwidth + flops * ubatch / b.gpu_flops) / ubatch
+
+
+def prefill_tps(m: ModelInfo, p: Plan, b: Budget, prompt: int) -> float:
+    """Plan p's predicted prefill speed for a `prompt`-token prompt (bench's prediction)."""
+    return predict(m, p.gpu, p.n_gpu_layers, b, p.n_ubatch, _names(p.remote), prompt)[1]
+
+
+def _names(remote: dict) -> dict:
+    return {name: list(names) for name, names in remote.items()}
 
 
 def _remote_of(b: Budget, remote: dict | None) -> dict[str, Remote]:
@@ -230,7 +271,8 @@ def _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, label, remote: dict |
     used = tuple(by_name[name] for name in remote)
     endpoints = dict.fromkeys(r.endpoint for r in used)
     rpc_devices = tuple((e, 1 + max(r.device for r in b.remotes if r.endpoint == e)) for e in endpoints)
-    return Plan(gpu, n_gpu_layers, cpu_experts, vram, ram, decode, prefill, label, remote, used, remote_memory, rpc_devices)
+    return Plan(gpu, n_gpu_layers, cpu_experts, vram, ram, decode, prefill, label, remote, used, remote_memory, rpc_devices,
+                ubatch, ubatch)
 
 
 def _dense_gpu(m: ModelInfo, n_gpu_layers: int) -> set[str]:
@@ -260,7 +302,7 @@ def _expert_layers(m: ModelInfo) -> dict[int, list[Tensor]]:
     return layers
 
 
-def n_cpu_moe(m: ModelInfo, b: Budget, n: int, ctx: int, kv_type: str = "f16", ubatch: int = 512) -> Plan | None:
+def n_cpu_moe(m: ModelInfo, b: Budget, n: int, ctx: int, kv_type: str = "f16", ubatch: int = UBATCH) -> Plan | None:
     """llama.cpp's `-ngl 99 --n-cpu-moe n`: every layer offloaded, the experts of the first n layers on
     the CPU. None if that does not fit the VRAM budget."""
     gpu = _dense_gpu(m, m.n_layer) | {t.name for t in m.tensors if t.role == "expert" and t.layer >= n}
@@ -269,10 +311,41 @@ def n_cpu_moe(m: ModelInfo, b: Budget, n: int, ctx: int, kv_type: str = "f16", u
     return _finish(m, gpu, m.n_layer, ctx, kv_type, b, ubatch, f"--n-cpu-moe {n}")
 
 
-def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int = 512) -> Plan:
-    """The placement that puts the most bytes read per token on the GPU within the budgets."""
+def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int | None = None) -> Plan:
+    """The placement that puts the most bytes read per token on the GPU within the budgets, with its
+    micro-batch (`ubatch` None: chosen by ubatch_candidates' rule; an int: that one, as --ubatch)."""
     if ctx <= 0:
         raise LocalmixError("context length must be positive")
+    if ubatch is not None:
+        return _checked(m, b, ctx, kv_type, _place(m, b, ctx, kv_type, ubatch))
+    plans = [_place(m, b, ctx, kv_type, u) for u in ubatch_candidates(b, ctx)]
+    fits = [p for p in plans if p.ram_total <= b.ram] or plans[:1]
+    return _checked(m, b, ctx, kv_type, choose_ubatch(m, b, fits))
+
+
+def ubatch_candidates(b: Budget, ctx: int) -> tuple[int, ...]:
+    """Micro-batches worth trying: larger ones only with a GPU (see UBATCHES), none longer than the context."""
+    if not b.vram:
+        return (UBATCH,)
+    return tuple(u for u in UBATCHES if u <= max(ctx, UBATCH))
+
+
+def choose_ubatch(m: ModelInfo, b: Budget, plans: list[Plan]) -> Plan:
+    """Decode first: the plans within UBATCH_DECODE_TOLERANCE of the best predicted decode; of those the
+    quickest prefill of a 4096-token prompt (a pasted document), the smaller micro-batch on a tie."""
+    best = max(p.decode_tps for p in plans)
+    near = [p for p in plans if p.decode_tps >= best * (1 - UBATCH_DECODE_TOLERANCE)]
+    return max(near, key=lambda p: (round(prefill_tps(m, p, b, 4096), 6), -p.n_ubatch))
+
+
+def _checked(m: ModelInfo, b: Budget, ctx: int, kv_type: str, p: Plan) -> Plan:
+    if p.ram_total > b.ram:
+        raise DoesNotFit(_no_fit_message(m, b, ctx, kv_type, p))
+    return p
+
+
+def _place(m: ModelInfo, b: Budget, ctx: int, kv_type: str, ubatch: int) -> Plan:
+    """The placement for one micro-batch size (RAM not checked)."""
     n_gpu_layers, gpu = 0, set()
     if b.vram > 0:
         # Every layer's dense part on the GPU if it fits, else as many of the last layers as fit.
@@ -301,9 +374,43 @@ def plan(m: ModelInfo, b: Budget, ctx: int, kv_type: str = "f16", ubatch: int = 
     if b.remotes:
         remote = place_remote(m, b, p)
         p = _finish(m, gpu, n_gpu_layers, ctx, kv_type, b, ubatch, "auto", remote)
-    if p.ram_total > b.ram:
-        raise DoesNotFit(_no_fit_message(m, b, ctx, kv_type, p))
     return p
+
+
+def context_candidates(m: ModelInfo) -> list[int]:
+    """Contexts `plan` shows and default_context chooses from: powers of two from 4096 up to the trained
+    context, and the trained context itself."""
+    out, c = [], 4096
+    while c < m.n_ctx_train:
+        out.append(c)
+        c *= 2
+    return [*out, m.n_ctx_train]
+
+
+def context_speeds(m: ModelInfo, b: Budget, contexts, kv_types) -> list[tuple[int, str, float | None]]:
+    """(context, KV type, the plan's predicted decode tok/s, or None when it does not fit) for each pair:
+    on a GPU the KV cache takes VRAM that experts would use."""
+    out = []
+    for ctx in contexts:
+        for kv in kv_types:
+            try:
+                out.append((ctx, kv, plan(m, b, ctx, kv).decode_tps))
+            except DoesNotFit:
+                out.append((ctx, kv, None))
+    return out
+
+
+CONTEXT_DECODE_TOLERANCE = 0.10  # default_context gives up at most this share of the best predicted decode
+
+
+def default_context(m: ModelInfo, b: Budget, kv_type: str = "f16") -> int:
+    """The largest candidate context whose plan fits and predicts decode within CONTEXT_DECODE_TOLERANCE of
+    the best candidate's; the shortest candidate when none fits (plan then says why)."""
+    speeds = [(ctx, tps) for ctx, _, tps in context_speeds(m, b, context_candidates(m), (kv_type,)) if tps is not None]
+    if not speeds:
+        return context_candidates(m)[0]
+    best = max(tps for _, tps in speeds)
+    return max(ctx for ctx, tps in speeds if tps >= best * (1 - CONTEXT_DECODE_TOLERANCE))
 
 
 def hop_cost(m: ModelInfo, r: Remote) -> float:

@@ -37,7 +37,7 @@ def test_never_over_budget_and_every_tensor_placed(model, vram):
 @pytest.mark.parametrize("model", MODELS)
 def test_monotonic_in_the_budget(model):
     m = MODELS[model]
-    plans = [plan(m, budget(v), CTX) for v in range(0, 100, 2)]
+    plans = [plan(m, budget(v), CTX, ubatch=512) for v in range(0, 100, 2)]  # one micro-batch: the auto one trades decode
     for a, b in itertools.pairwise(plans):
         assert b.vram.get("weights", 0) >= a.vram.get("weights", 0)
         assert b.decode_tps >= a.decode_tps * 0.999
@@ -47,7 +47,7 @@ def test_monotonic_in_the_budget(model):
 @pytest.mark.parametrize("vram", BUDGETS_GIB)
 def test_at_least_as_fast_as_every_whole_layer_split_that_fits(model, vram):
     m = MODELS[model]
-    auto = plan(m, budget(vram), CTX)
+    auto = plan(m, budget(vram), CTX, ubatch=512)  # the same micro-batch as the splits (test_planner_tuning: the chosen one)
     fitting = [p for n in range(m.n_layer + 1) if (p := n_cpu_moe(m, budget(vram), n, CTX))]
     for p in fitting:
         assert p.vram_total <= vram * GiB

@@ -1,4 +1,4 @@
-"""`localmix bench MODEL [--json]`: measured prefill and decode speed of the auto plan beside the
+"""`localmix bench MODEL [--ubatch N] [--json]`: measured prefill and decode speed of the auto plan beside the
 baselines a llama.cpp user would try at the same VRAM budget (all experts on the CPU, and the best
 `--n-cpu-moe N` that fits), each with the planner's prediction."""
 
@@ -28,13 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="results as JSON")
 
 
-def configs(info, budget, ctx: int, kv_type: str) -> list:
-    """The auto plan and the whole-layer baselines that fit the same VRAM, without duplicates."""
+def configs(info, budget, ctx: int, kv_type: str, ubatch: int | None = None) -> list:
+    """The auto plan (with --ubatch if given) and the whole-layer baselines that fit the same VRAM, with llama.cpp's
+    default micro-batch of 512, without duplicates."""
     from dataclasses import replace
 
     from ..planner import n_cpu_moe, plan
 
-    out = [plan(info, budget, ctx, kv_type)]
+    out = [plan(info, budget, ctx, kv_type, ubatch)]
     if budget.vram and info.is_moe:
         for n in (info.n_layer, *range(info.n_layer)):
             p = n_cpu_moe(info, budget, n, ctx, kv_type)
@@ -45,8 +46,8 @@ def configs(info, budget, ctx: int, kv_type: str) -> list:
                 break  # the smallest N that fits is the best whole-layer split
     unique, seen = [], set()
     for p in out:
-        if (p.gpu, p.n_gpu_layers) not in seen:
-            seen.add((p.gpu, p.n_gpu_layers))
+        if (p.gpu, p.n_gpu_layers, p.n_ubatch) not in seen:
+            seen.add((p.gpu, p.n_gpu_layers, p.n_ubatch))
             unique.append(p)
     return unique
 
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import LocalmixError
     from ..loader import load
+    from ..planner import prefill_tps
     from .common import planned
 
     p = planned(args)
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if n_prompt < 1:
         raise LocalmixError(f"--ctx {p.ctx} leaves no room for a prompt beside --gen-tokens {args.gen_tokens}")
     rows = []
-    for plan in configs(info, budget, p.ctx, p.kv_type):
+    for plan in configs(info, budget, p.ctx, p.kv_type, args.ubatch):
         backend = load(replace(p, plan=plan), threads=args.threads, repack=args.repack)
         try:
             got = backend.measure(prompt_tokens(backend.tokenizer, n_prompt), args.gen_tokens)
@@ -79,12 +81,16 @@ def run(args: argparse.Namespace) -> int:
         rows.append({
             "config": plan.label, "gpu_gib": plan.vram_total / GiB, "n_gpu_layers": plan.n_gpu_layers,
             "cpu_expert_tensors": len([t for t in info.tensors if t.role == "expert" and t.name not in plan.gpu]),
-            "decode_predicted": plan.decode_tps, "decode_measured": got.decode_tps,
-            "prefill_predicted": plan.prefill_tps, "prefill_measured": got.prefill_tps,
+            "n_batch": plan.n_batch, "n_ubatch": plan.n_ubatch,
+            "predicted_decode_tps": plan.decode_tps, "measured_decode_tps": got.decode_tps,
+            "predicted_prefill_tps": prefill_tps(info, plan, budget, n_prompt), "measured_prefill_tps": got.prefill_tps,
         })
+        # the names before issue 15, kept for scripts that read them
+        rows[-1].update(decode_predicted=rows[-1]["predicted_decode_tps"], decode_measured=got.decode_tps,
+                        prefill_predicted=rows[-1]["predicted_prefill_tps"], prefill_measured=got.prefill_tps)
     if args.json:
         print(json.dumps({"model": info.path, "vram_budget": budget.vram, "ram_bandwidth": args.ram_bandwidth, "ctx": p.ctx,
-                          "results": rows}, indent=1))
+                          "prompt_tokens": n_prompt, "gen_tokens": args.gen_tokens, "results": rows}, indent=1))
         return 0
 
     from rich.console import Console
@@ -93,12 +99,14 @@ def run(args: argparse.Namespace) -> int:
 
     t = Table(title=f"{escape(info.name)} {escape(info.file_type)} · VRAM budget {budget.vram / GiB:.1f} GiB · {hw.cores} cores",
               title_justify="left")
-    for col in ("config", "GPU GiB", "decode tok/s", "predicted", "error", "prefill tok/s", "predicted"):
+    for col in ("config", "GPU GiB", "ubatch", "decode tok/s", "predicted", "error", f"prefill tok/s ({n_prompt})", "predicted", "error"):
         t.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
-        err = (r["decode_predicted"] - r["decode_measured"]) / r["decode_measured"]
-        t.add_row(r["config"], f"{r['gpu_gib']:.1f}", f"{r['decode_measured']:.1f}", f"{r['decode_predicted']:.1f}",
-                  f"{err:+.0%}", f"{r['prefill_measured']:.0f}", f"{r['prefill_predicted']:.0f}")
+        err = (r["predicted_decode_tps"] - r["measured_decode_tps"]) / r["measured_decode_tps"]
+        perr = (r["predicted_prefill_tps"] - r["measured_prefill_tps"]) / r["measured_prefill_tps"]
+        t.add_row(r["config"], f"{r['gpu_gib']:.1f}", str(r["n_ubatch"]), f"{r['measured_decode_tps']:.1f}",
+                  f"{r['predicted_decode_tps']:.1f}", f"{err:+.0%}", f"{r['measured_prefill_tps']:.0f}",
+                  f"{r['predicted_prefill_tps']:.0f}", f"{perr:+.0%}")
     con = Console()
     con.print(t)
     if budget.vram and not hw.gpus:

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Flags that only mean something for a model loaded here: (flag, dest, default). With --server they are refused.
-LOCAL_ONLY = (("--vram", "vram", None), ("--ram", "ram", None), ("--ctx", "ctx", None), ("--kv-type", "kv_type", "f16"),
+LOCAL_ONLY = (("--vram", "vram", None), ("--ram", "ram", None), ("--ctx", "ctx", None), ("--ubatch", "ubatch", None),
+              ("--kv-type", "kv_type", "f16"),
               ("--ram-bandwidth", "ram_bandwidth", None), ("--measure", "measure", False), ("--threads", "threads", None))
 
 
@@ -46,9 +47,11 @@ def store_models() -> list:
 
 
 def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | None = None, kv_type: str = "f16",
-                 threads: int | None = None, default_model=None, ram_bandwidth: float | None = None, rpc: dict | None = None):
+                 threads: int | None = None, default_model=None, ram_bandwidth: float | None = None, rpc: dict | None = None,
+                 ubatch: int | None = None):
     """The app's loader: (progress, path) -> (backend, {"split", "summary"}), run in the app's loading
-    thread. No path and no default model: the demo, built on first use."""
+    thread. No path and no default model: the demo, built on first use. `ctx` None: planner.default_context
+    (the longest context that keeps predicted decode within 10% of its best)."""
 
     def prepare(progress, path=None):
         from pathlib import Path
@@ -59,7 +62,8 @@ def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | 
         from ..loader import prepare as read_and_plan
 
         path = path or default_model or ensure_demo(lambda f: progress(f, "Building the demo model (first run only)"))
-        p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type, ram_bandwidth=ram_bandwidth, **(rpc or {}))
+        p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type, ram_bandwidth=ram_bandwidth, ubatch=ubatch,
+                          auto_context=True, **(rpc or {}))
         backend = load(p, threads=threads, progress=lambda f: progress(f, f"Loading {Path(path).name}"))
         summary = " · ".join([summary_line(p.info, p.plan), *p.notes])  # e.g. the context lowered to the trained one
         return backend, {"split": split_label(p.plan), "summary": summary}
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         demo = not models
         prepare = make_prepare(vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type, threads=args.threads,
                                default_model=models[0] if models else None, ram_bandwidth=args.ram_bandwidth,
-                               rpc=rpc_options(args))
+                               rpc=rpc_options(args), ubatch=args.ubatch)
         label = DEMO_FILE.removesuffix(".gguf") if demo else model_name(models[0])
         choices = [(model_name(m), str(m)) for m in models] if len(models) > 1 else None
     toolset = None

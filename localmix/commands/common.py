@@ -61,6 +61,10 @@ def bounded(kind, low, high, what: str):
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 threads = bounded(int, 1, MAX_THREADS, "a thread count")
 tokens = bounded(int, 1, 1 << 24, "a token count")
+ubatch = bounded(int, 1, 1 << 16, "a micro-batch size")
+# Commands whose default context is planner.default_context (a conversation grows: the longest context that
+# costs little decode speed); run, bench and plan keep DEFAULT_CTX: one prompt, comparable measurements.
+AUTO_CONTEXT_COMMANDS = ("chat", "serve")
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -77,7 +81,11 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram", type=size, metavar="SIZE", help="GPU memory to plan for (default: free VRAM found; 0 = CPU only)")
     p.add_argument("--ram", type=size, metavar="SIZE", help="RAM to plan for (default: available RAM)")
     p.add_argument("--ctx", type=tokens, default=None,
-                   help=f"context length in tokens (default {DEFAULT_CTX}, or the model's trained context if shorter)")
+                   help=f"context length in tokens (default {DEFAULT_CTX}, or the model's trained context if shorter; chat and serve: "
+                        "the longest that keeps predicted decode within 10%% of its best)")
+    p.add_argument("--ubatch", type=ubatch, default=None, metavar="N",
+                   help="tokens per micro-batch of prompt processing (llama.cpp's -ub; default: the plan's choice, "
+                        "larger with experts in RAM and VRAM to spare)")
     p.add_argument("--kv-type", default="f16", choices=("f16", "q8_0", "q4_0"), help="KV cache type (default f16)")
     p.add_argument("--ram-bandwidth", type=bandwidth, metavar="BW",
                    help="RAM read bandwidth of the machine to plan for, e.g. 80GB/s (default: this machine's, measured)")
@@ -144,7 +152,8 @@ def planned(args: argparse.Namespace):
 
     rpc = rpc_options(args)
     p = prepare(open_model(args.model), vram=args.vram, ram=args.ram, ctx=args.ctx, kv_type=args.kv_type,
-                ram_bandwidth=args.ram_bandwidth, measure=args.measure, **rpc)
+                ram_bandwidth=args.ram_bandwidth, measure=args.measure, ubatch=args.ubatch,
+                auto_context=args.command in AUTO_CONTEXT_COMMANDS, **rpc)
     for note in p.notes:
         print(f"localmix {args.command}: {note}", file=sys.stderr)
     return p

@@ -1,6 +1,6 @@
-"""`localmix plan MODEL [--vram] [--ram] [--ram-bandwidth] [--ctx] [--kv-type] [--rpc ...] [--json] [--llama-args]`:
+"""`localmix plan MODEL [--vram] [--ram] [--ram-bandwidth] [--ctx] [--kv-type] [--ubatch] [--rpc ...] [--json] [--llama-args]`:
 where every tensor goes on this machine (or the one --vram/--ram/--ram-bandwidth describe), and on the workers
---rpc names, and how fast it should run."""
+--rpc names, the batch sizes, how fast it should run, and what longer contexts would cost."""
 
 from __future__ import annotations
 
@@ -9,23 +9,40 @@ import json
 import shlex
 
 from ..units import GiB
-from .common import add_budget_arguments
+from .common import add_budget_arguments, add_threads_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a GGUF file, or a model name in the store (localmix list)")
     add_budget_arguments(p)
+    add_threads_argument(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the plan as JSON (keys in the README)")
     out.add_argument("--llama-args", action="store_true", help="print the equivalent llama.cpp flags (-ngl, -ot, --rpc, -ts)")
 
 
+def threads_line(given: int | None) -> str:
+    """The thread choice as run/chat would make it now (hardware.auto_threads)."""
+    from ..hardware import auto_threads
+
+    return auto_threads(given).describe()
+
+
+def context_table(p) -> tuple[list[int], list[tuple[int, str, float | None]], int]:
+    """(contexts, planner.context_speeds rows for each KV type, the context chat and serve would choose)."""
+    from ..planner import KV_TYPES, context_candidates, context_speeds, default_context
+
+    contexts = context_candidates(p.info)
+    return contexts, context_speeds(p.info, p.budget, contexts, tuple(KV_TYPES)), default_context(p.info, p.budget, p.kv_type)
+
+
 def plan_json(p, ram_bandwidth: float | None = None) -> dict:
     """The plan as data (keys in the README); `ram_bandwidth`: the --ram-bandwidth given, if any."""
     from ..describe import attention_on_gpu
-    from ..planner import llama_args
+    from ..planner import llama_args, prefill_tps
 
     info, hw, budget, plan = p.info, p.hardware, p.budget, p.plan
+    _, speeds, default_ctx = context_table(p)
     device = {n: name for name, names in plan.remote.items() for n in names}  # expert -> its worker device (RPC0[h:p])
     for n in plan.gpu:
         device[n] = "gpu"
@@ -46,7 +63,12 @@ def plan_json(p, ram_bandwidth: float | None = None) -> dict:
         "n_gpu_layers": plan.n_gpu_layers,
         "vram": plan.vram,
         "ram": plan.ram,
-        "predicted": {"decode_tps": plan.decode_tps, "prefill_tps": plan.prefill_tps},
+        "n_batch": plan.n_batch,
+        "n_ubatch": plan.n_ubatch,
+        "predicted": {"decode_tps": plan.decode_tps, "prefill_tps": plan.prefill_tps,
+                      "prefill_4096_tps": prefill_tps(info, plan, budget, 4096)},
+        "contexts": [{"ctx": c, "kv_type": kv, "decode_tps": tps} for c, kv, tps in speeds],
+        "default_ctx": default_ctx,
         "layers": layers,
         "tensors": [{"name": t.name, "part": t.part, "bytes": t.nbytes, "type": t.type,
                      "device": device.get(t.name, "cpu")} for t in info.tensors],
@@ -74,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..describe import layer_rows, workers
-    from ..planner import llama_args
+    from ..planner import llama_args, prefill_tps
     from ..text import markup
     from .common import planned
 
@@ -94,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
               f"{info.n_layer} layers · {moe}")
     gpu = ", ".join(f"{markup(g.name)} ({g.free / GiB:.1f} of {g.total / GiB:.1f} GiB free)" for g in hw.gpus) or "no GPU"
     con.print(f"Machine: {gpu} · RAM {hw.ram_available / GiB:.1f} of {hw.ram_total / GiB:.1f} GiB free · "
-              f"{hw.cores} cores · {measured_line(hw)}")
+              f"{hw.cores} cores ({threads_line(args.threads)}) · {measured_line(hw)}")
     given = f" at {args.ram_bandwidth / 1e9:.0f} GB/s" if args.ram_bandwidth is not None else ""
     con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB{given} · context {p.ctx} ({p.kv_type} KV cache)")
     for r in budget.remotes:
@@ -128,5 +150,36 @@ def run(args: argparse.Namespace) -> int:
     m.add_row("[bold]total", f"[bold]{plan.vram_total / GiB:.2f} GiB", f"[bold]{plan.ram_total / GiB:.2f} GiB",
               *(f"[bold]{x}" for x in there))
     con.print(m)
-    con.print(f"Predicted: decode [bold]{plan.decode_tps:.1f}[/] tok/s, prefill {plan.prefill_tps:.0f} tok/s")
+    con.print(f"Batches: {plan.n_batch} tokens per call, {plan.n_ubatch} per micro-batch{ubatch_why(args, plan)}")
+    con.print(f"Predicted: decode [bold]{plan.decode_tps:.1f}[/] tok/s, prefill {plan.prefill_tps:.0f} tok/s "
+              f"({prefill_tps(info, plan, budget, 4096):.0f} tok/s for a 4096-token prompt)")
+    table, note = speed_table(p)
+    con.print(table)
+    con.print(note)
     return 0
+
+
+def ubatch_why(args, plan) -> str:
+    if args.ubatch is not None:
+        return " (--ubatch)"
+    if plan.n_ubatch > 512:
+        return " (experts in RAM are copied to the GPU once per micro-batch: larger ones copy less often)"
+    return ""
+
+
+def speed_table(p):
+    """Context lengths x KV types: the decode each plan would reach ('—': does not fit)."""
+    from rich.table import Table
+
+    from ..planner import KV_TYPES
+
+    contexts, speeds, default_ctx = context_table(p)
+    by = {(c, kv): tps for c, kv, tps in speeds}
+    t = Table(title="Context against speed (predicted decode tok/s)", title_justify="left")
+    t.add_column("context")
+    for kv in KV_TYPES:
+        t.add_column(f"{kv} KV", justify="right")
+    for c in contexts:
+        mark = " *" if c == p.ctx else ""
+        t.add_row(f"{c}{mark}", *("—" if by[c, kv] is None else f"{by[c, kv]:.1f}" for kv in KV_TYPES))
+    return t, f"chat and serve default to {default_ctx} tokens ({p.kv_type} KV): the longest within 10% of the best decode; * this plan"

@@ -1,6 +1,6 @@
 """Threads under load and prefill prediction, on this machine.
 
-    .venv/bin/python benchmarks/runtime_tuning.py [GGUF] [--parts threads,duty,prefill] [--rounds 5] [--gen-tokens 64]
+    .venv/bin/python benchmarks/runtime_tuning.py [GGUF] [--parts threads,duty,batch,prefill] [--rounds 5] [--gen-tokens 64]
 
 Without GGUF it uses the demo model (built on first use).
 
@@ -11,6 +11,7 @@ Without GGUF it uses the demo model (built on first use).
   idle, within 10% with one core busy.
 - duty: fixed 1 vs 2 threads against a child that keeps one core busy 30%, 50%, 80% of the time (10 ms
   periods): where a partly busy core starts to cost more than it gives (hardware.BUSY_CORE).
+- batch: prefill of a 512-token prompt with 1 and 2 threads, idle and with one core busy.
 - prefill: `localmix bench GGUF --prompt-tokens 512|4096 --json`, predicted beside measured (CPU only).
 
 "Idle" is this process's view: other programs' load is reported with each table (uptime's load average and
@@ -129,6 +130,34 @@ def duty_part(model: Path, rounds: int, gen_tokens: int) -> list[dict]:
     return rows
 
 
+def batch_part(model: Path, rounds: int) -> list[dict]:
+    """Prefill of a 512-token prompt with 1 and 2 threads, idle and with one core busy: whether prompt
+    batches want a different count than decode under load."""
+    from localmix.commands.bench import prompt_tokens
+
+    settings = [1, 2]
+    loaded = backends(model, settings)
+    prompt = prompt_tokens(loaded[1].tokenizer, 512)
+    rows = []
+    try:
+        for state in ("idle", "one core busy"):
+            proc = spinner() if state != "idle" else None
+            try:
+                speeds: dict = {s: [] for s in settings}
+                for _ in range(rounds):
+                    for s in settings:
+                        speeds[s].append(loaded[s].measure(prompt, 1).prefill_tps)
+            finally:
+                if proc:
+                    stop(proc)
+            rows.append({"state": state, "medians": {label(s): statistics.median(v) for s, v in speeds.items()}})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    finally:
+        for b in loaded.values():
+            b.close()
+    return rows
+
+
 def prefill_part(model: Path, rounds: int) -> list[dict]:
     rows = []
     for n in (512, 4096):
@@ -163,6 +192,10 @@ def markdown(results: dict) -> str:
         out += ["| other program's core busy | `--threads 1` | `--threads 2` |", "|---|---|---|"]
         out += [f"| {r['duty']:.0%} | {r['medians']['--threads 1']:.1f} | {r['medians']['--threads 2']:.1f} |" for r in results["duty"]]
         out.append("")
+    if "batch" in results:
+        out += ["| prefill of 512 tokens | `--threads 1` | `--threads 2` |", "|---|---|---|"]
+        out += [f"| {r['state']} | {r['medians']['--threads 1']:.0f} | {r['medians']['--threads 2']:.0f} |" for r in results["batch"]]
+        out.append("")
     if "prefill" in results:
         out += ["| prompt tokens | predicted tok/s | measured tok/s | error |", "|---|---|---|---|"]
         out += [f"| {r['prompt_tokens']} | {r['predicted']:.0f} | {r['measured']:.0f} | {r['error']:+.0%} |" for r in results["prefill"]]
@@ -188,6 +221,8 @@ def main() -> int:
         results["threads"] = threads_part(model, args.rounds, args.gen_tokens)
     if "duty" in parts:
         results["duty"] = duty_part(model, args.rounds, args.gen_tokens)
+    if "batch" in parts:
+        results["batch"] = batch_part(model, args.rounds)
     if "prefill" in parts:
         results["prefill"] = prefill_part(model, max(1, args.rounds // 2))
     if args.json:

@@ -142,8 +142,7 @@ def prepare(path: str | Path, *, vram: int | None = None, ram: int | None = None
     if rpc:
         budget = replace(budget, remotes=remotes(rpc, rpc_ram, rpc_vram, rpc_network, rpc_bandwidth, budget.cpu_bandwidth, measure))
     if ctx is None and auto_context:
-        ctx = default_context(info, budget, kv_type)
-        notes = (f"context {ctx} tokens: the longest that keeps predicted decode within 10% of its best (--ctx to choose)",)
+        ctx = default_context(info, budget, kv_type)  # no note: a later error must stay serve's one line
     elif ctx is None:
         ctx = min(DEFAULT_CTX, info.n_ctx_train)
         if ctx < DEFAULT_CTX:

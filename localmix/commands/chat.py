@@ -65,7 +65,8 @@ def make_prepare(*, vram: int | None = None, ram: int | None = None, ctx: int | 
         p = read_and_plan(path, vram=vram, ram=ram, ctx=ctx, kv_type=kv_type, ram_bandwidth=ram_bandwidth, ubatch=ubatch,
                           auto_context=True, **(rpc or {}))
         backend = load(p, threads=threads, progress=lambda f: progress(f, f"Loading {Path(path).name}"))
-        summary = " · ".join([summary_line(p.info, p.plan), *p.notes])  # e.g. the context lowered to the trained one
+        chosen = [] if ctx else [f"context {p.ctx} tokens: the longest within 10% of the best predicted decode (--ctx to choose)"]
+        summary = " · ".join([summary_line(p.info, p.plan), *chosen, *p.notes])  # e.g. the context lowered to the trained one
         return backend, {"split": split_label(p.plan), "summary": summary}
 
     return prepare

@@ -2,7 +2,9 @@
 its events (localmix.backends) and the conversation turn (localmix.reply, which trims the history to the
 context and runs tools), nothing of llama.cpp. The model loads in a thread while the app is already
 usable; a reply's events come from a thread through a queue that the UI drains RENDER_HZ times a second,
-so generation never waits for rendering.
+so generation never waits for rendering. While it streams, a reply is plain text (LiveText: one widget, no
+Markdown parsing, redrawn at most RENDER_HZ times a second); it becomes Markdown once, when it ends. On a
+2-core machine the UI's CPU is taken from llama.cpp's decode threads, which wait for each other.
 
 A reply is saved while it streams (a store Draft, marked incomplete), so a crash keeps what was shown;
 reopened, it is marked as cut off and Ctrl+R writes it again. No error of a reply (the model's template,
@@ -157,21 +159,42 @@ def describe_call(call: dict, result: str | None = None) -> str:
 CUT_OFF = "cut off: this reply was never finished (Ctrl+R writes it again)"
 
 
+class LiveText(Static):
+    """A reply as it streams: its text so far, plain (no markup, no Markdown), one widget whatever its
+    length. `shown` counts its redraws."""
+
+    def __init__(self):
+        super().__init__("", markup=False, classes="live")
+        self.shown = 0
+
+    def show(self, text: str) -> None:
+        self.shown += 1
+        self.update(text)
+
+
 class MessageView(Vertical):
-    def __init__(self, role: str, content: str = "", message_id: int | None = None, *, complete: bool = True):
+    def __init__(self, role: str, content: str = "", message_id: int | None = None, *, complete: bool = True,
+                 streaming: bool = False):
         super().__init__(classes=f"message {role}")
         self.role, self.content, self.message_id, self.complete = role, content, message_id, complete
+        self.streaming = streaming  # a reply being written: its text goes to a LiveText until it ends
 
     def compose(self) -> ComposeResult:
         yield Label({"user": "You", "assistant": "Model", "system": "System", "tool": "Tool call"}.get(self.role, self.role),
                     classes="role")
         yield Markdown(for_display(self.content))
+        if self.streaming:
+            yield LiveText()
         if not self.complete:
             yield Static(CUT_OFF, classes="cutoff", markup=False)
 
     @property
     def markdown(self) -> Markdown:
         return self.query_one(Markdown)
+
+    @property
+    def live(self) -> LiveText:
+        return self.query_one(LiveText)
 
     def content_text(self) -> str:
         return self.markdown.source
@@ -240,7 +263,6 @@ class ChatApp(App):
         self._thread: threading.Thread | None = None  # the reply's thread
         self._sent = None  # the user message this reply answers, when it was sent just now (put back on failure)
         self._reply_text = self._pending = ""
-        self._stream = None
         self._render_due = 0.0
         self._ui_cpu = 0.0
         self.last_stats = None
@@ -450,12 +472,11 @@ class ChatApp(App):
         history = [m.as_prompt() for m in self.store.messages(c.id)]
         msgs = ([{"role": "system", "content": c.system}] if c.system else []) + history
         sampling = Sampling(max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
-        self._reply = MessageView("assistant")
+        self._reply = MessageView("assistant", streaming=True)
         self._draft, self._sent = self.store.draft(c.id), sent
         self._reply_text = self._pending = ""
         self._render_due, self._ui_cpu = 0.0, time.thread_time()
         self.mount_log(self._reply)
-        self._stream = None
         self.generating = True
         self.update_status("writing...")
         self._events = queue.Queue()  # one per reply: a thread that outlives its reply cannot feed the next one
@@ -512,12 +533,9 @@ class ChatApp(App):
         if end is None:
             self._draft.update(self._reply_text)  # saved every SAVE_EVERY seconds: a crash keeps what was shown
         now = time.perf_counter()
-        if self._pending and (now >= self._render_due or end is not None):
-            if self._stream is None and self._reply.is_mounted:
-                self._stream = Markdown.get_stream(self._reply.markdown)
-            if self._stream is not None:
-                await self._stream.write(self._pending)
-                self._pending = ""
+        if self._pending and now >= self._render_due and end is None and self._reply.is_mounted:
+            self._reply.live.show(self._reply_text)  # the whole text: one cheap update however many pieces came
+            self._pending = ""
             spent = time.thread_time() - self._ui_cpu  # UI CPU since the last render, compositing included
             self._ui_cpu = time.thread_time()
             self._render_due = now + min(1.0, max(1 / RENDER_HZ, spent / UI_SHARE))
@@ -530,13 +548,11 @@ class ChatApp(App):
             await log.mount(Static(f"{event.dropped} earlier message(s) left out of the prompt: the conversation "
                                    f"outgrew the {self.backend.ctx}-token context.", classes="notice"), before=self._reply)
         elif isinstance(event, ToolCalls):  # the text streamed so far was the call itself: show calls instead
-            if self._stream is not None:
-                await self._stream.stop()
-                self._stream = None
             self._reply_text = self._pending = ""
             self._draft.discard()
             self._sent = None  # the conversation went on: the message stays
-            await self._reply.markdown.update("")
+            if self._reply.is_mounted:
+                self._reply.live.show("")
             m = self.store.add_message(self.chat.id, "assistant", "", tool_calls=event.calls)
             for c in event.calls:
                 view = MessageView("tool", describe_call(c), m.id)
@@ -561,8 +577,8 @@ class ChatApp(App):
         """The reply is over: saved complete (or cut off, after an error), the error shown. A reply that
         failed before any text takes back the message it answered: it returns to the prompt, so retries
         never pile up user messages."""
-        view, text, stream = self._reply, self._reply_text, self._stream
-        self._reply, self._stream, self.generating = None, None, False
+        view, text = self._reply, self._reply_text
+        self._reply, self.generating = None, False
         failed = isinstance(end, _Failed)
         stats = None if failed else end.stats
         self.last_stats = stats or self.last_stats
@@ -576,10 +592,10 @@ class ChatApp(App):
             elif stats.stop == "cancelled":
                 self.notify("Stopped; the reply so far is kept.")
             self.update_status()
-            if stream is not None:
-                await stream.stop()
             if text:
-                await view.markdown.update(for_display(text))  # one final full render, line breaks kept
+                view.streaming = False
+                await view.markdown.update(for_display(text))  # the one Markdown render, the whole text, line breaks kept
+                await view.live.remove()
             else:
                 await view.remove()
 

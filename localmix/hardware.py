@@ -192,9 +192,11 @@ def detect(probe: bool = True, measure: bool = False) -> Hardware:
 # llama.cpp's threads meet at a barrier after every op, so a step runs at the pace of its slowest thread:
 # one thread sharing a core with another program more than halves decode (measured on the project's 2-core
 # machine: 42.8 tok/s idle with 2 threads, 16-18 with one core busy, 30.9 with 1 thread). So a core is
-# counted as taken when another program keeps it more than BUSY_CORE busy: a core at 30% (a terminal, a
-# browser tab now and then) still gives its thread most of each step; one at 80-100% does not
-# (benchmarks/runtime_tuning.py).
+# counted as taken when another program keeps it more than BUSY_CORE busy: between those measurements 2
+# threads lose about 26 tok/s per busy core and 1 thread gives 31, so the break-even is near 0.45 of a
+# core; a core at 30% (a terminal, a browser tab now and then) still gives its thread most of each step,
+# one at 80-100% does not. A clean sweep of partly busy cores needs a quiet machine: --parts duty of
+# benchmarks/runtime_tuning.py.
 BUSY_CORE = 0.5
 # Load is measured over at least this long: a shorter window is a few scheduler ticks of noise.
 MIN_WINDOW = 0.2

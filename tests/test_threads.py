@@ -3,6 +3,7 @@
 each reply (read back with llama_n_threads), --threads winning. The machine is shared: assertions are
 about the spinner's core, never that the rest of the machine is idle."""
 
+import re
 import subprocess
 import sys
 import time
@@ -149,3 +150,14 @@ def test_given_threads_win(tiny_gguf, spinning):
         assert b.engine.threads == (2, 2) and b.threads_now.describe() == "2 threads (--threads)"
     finally:
         b.close()
+
+
+def test_run_verbose_shows_the_choice(tiny_gguf):
+    from tests.support.cli import run_cli
+
+    r = run_cli("run", str(tiny_gguf("Q8_0")), "hi", "--max-tokens", "2", "--ctx", "256", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^threads: +[12] threads? \(\d+ cores, \d+\.\d busy", r.stderr, re.M), r.stderr
+    r = run_cli("run", str(tiny_gguf("Q8_0")), "hi", "--max-tokens", "2", "--ctx", "256", "--verbose", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^threads: +2 threads \(--threads\)$", r.stderr, re.M), r.stderr

@@ -97,16 +97,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{escape(info.name)} {escape(info.file_type)} · VRAM budget {budget.vram / GiB:.1f} GiB · {hw.cores} cores",
+    t = Table(title=f"{escape(info.name)} {escape(info.file_type)} · VRAM budget {budget.vram / GiB:.1f} GiB · {hw.cores} cores · "
+                    f"{n_prompt}-token prompt", box=None,
               title_justify="left")
-    for col in ("config", "GPU GiB", "ubatch", "decode tok/s", "predicted", "error", f"prefill tok/s ({n_prompt})", "predicted", "error"):
+    for col in ("config", "GPU GiB", "ubatch", "decode tok/s", "predicted (error)", "prefill tok/s", "predicted (error)"):
         t.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
         err = (r["predicted_decode_tps"] - r["measured_decode_tps"]) / r["measured_decode_tps"]
         perr = (r["predicted_prefill_tps"] - r["measured_prefill_tps"]) / r["measured_prefill_tps"]
         t.add_row(r["config"], f"{r['gpu_gib']:.1f}", str(r["n_ubatch"]), f"{r['measured_decode_tps']:.1f}",
-                  f"{r['predicted_decode_tps']:.1f}", f"{err:+.0%}", f"{r['measured_prefill_tps']:.0f}",
-                  f"{r['predicted_prefill_tps']:.0f}", f"{perr:+.0%}")
+                  f"{r['predicted_decode_tps']:.1f} ({err:+.0%})", f"{r['measured_prefill_tps']:.0f}",
+                  f"{r['predicted_prefill_tps']:.0f} ({perr:+.0%})")
     con = Console()
     con.print(t)
     if budget.vram and not hw.gpus:

@@ -67,7 +67,7 @@ async def test_escape_stops_a_fast_stream_and_shows_exactly_what_was_written(tmp
     async with app.run_test(size=(100, 30)) as pilot:
         live = await start(pilot, "go")
         await pilot.pause(0.5)
-        assert app.generating
+        assert app.generating and not app.query_one("#prompt", PromptInput).cursor_blink  # a blink would be a redraw
         await pilot.press("escape")
         await wait_idle(pilot)
         saved = store.messages(app.chat.id)[-1]
@@ -75,3 +75,4 @@ async def test_escape_stops_a_fast_stream_and_shows_exactly_what_was_written(tmp
         assert 0 < len(words) < PIECES and words == [f"w{i}" for i in range(len(words))]
         assert app.query(MessageView).last().content_text() == for_display(saved.content)
         assert app.last_stats.stop == "cancelled" and live.shown < len(words)
+        assert app.query_one("#prompt", PromptInput).cursor_blink

@@ -264,6 +264,7 @@ class ChatApp(App):
         self._sent = None  # the user message this reply answers, when it was sent just now (put back on failure)
         self._reply_text = self._pending = ""
         self._render_due = 0.0
+        self._prompt: PromptInput | None = None  # the prompt, whose cursor stops blinking while a reply streams
         self._ui_cpu = 0.0
         self.last_stats = None
 
@@ -477,6 +478,8 @@ class ChatApp(App):
         self._reply_text = self._pending = ""
         self._render_due, self._ui_cpu = 0.0, time.thread_time()
         self.mount_log(self._reply)
+        self._prompt = self.query_one("#prompt", PromptInput)  # kept: a dialog may be on top when the reply ends
+        self._prompt.cursor_blink = False  # a blink is a redraw: none while the model writes (the cursor stays shown)
         self.generating = True
         self.update_status("writing...")
         self._events = queue.Queue()  # one per reply: a thread that outlives its reply cannot feed the next one
@@ -579,6 +582,7 @@ class ChatApp(App):
         never pile up user messages."""
         view, text = self._reply, self._reply_text
         self._reply, self.generating = None, False
+        self._prompt.cursor_blink = True
         failed = isinstance(end, _Failed)
         stats = None if failed else end.stats
         self.last_stats = stats or self.last_stats

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a GGUF file or a store name (default: the store's model, a picker if several, else the demo)")
     add_budget_arguments(p)
     p.add_argument("--system", help="system prompt for a new chat")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the cores other programs leave free, checked at each reply)")
     p.add_argument("--tools", nargs="*", metavar="FILE",
                    help="let the model call tools: the built-in ones, installed ones, and those in FILE(s)")
     p.add_argument("--server", metavar="URL",

@@ -68,7 +68,8 @@ AUTO_CONTEXT_COMMANDS = ("chat", "serve")
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=threads, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--threads", type=threads, default=None,
+                   help="CPU threads (default: the cores other programs leave free, checked at each reply)")
 
 
 def add_repack_argument(p: argparse.ArgumentParser) -> None:

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
               f"{info.n_layer} layers · {moe}")
     gpu = ", ".join(f"{markup(g.name)} ({g.free / GiB:.1f} of {g.total / GiB:.1f} GiB free)" for g in hw.gpus) or "no GPU"
     con.print(f"Machine: {gpu} · RAM {hw.ram_available / GiB:.1f} of {hw.ram_total / GiB:.1f} GiB free · "
-              f"{hw.cores} cores ({threads_line(args.threads)}) · {measured_line(hw)}")
+              f"{threads_line(args.threads)} · {measured_line(hw)}")
     given = f" at {args.ram_bandwidth / 1e9:.0f} GB/s" if args.ram_bandwidth is not None else ""
     con.print(f"Budget: VRAM {budget.vram / GiB:.1f} GiB, RAM {budget.ram / GiB:.1f} GiB{given} · context {p.ctx} ({p.kv_type} KV cache)")
     for r in budget.remotes:

@@ -56,11 +56,12 @@ UBATCH = 512  # without a GPU: the CPU's matmuls gain nothing from larger micro-
 UBATCH_DECODE_TOLERANCE = 0.05
 PROMPT = 512  # tokens of the prompt Plan.prefill_tps is predicted for
 # Share of hardware.cpu_flops llama.cpp's CPU prompt processing reaches on quantized weights (dequantizing
-# K-quant blocks, the MoE's per-expert gathers, a thread barrier per op). Fitted to issue 15's measurement on the
-# project's 2-core machine: the smol fixture (Q4_K_M, 8 experts) prefilled 512 tokens at 108 tok/s against 233
-# predicted at full rate; now 112. At 4096 tokens attention's quadratic part (attention_flops) predicts 0.78x the
-# 512-token rate; measured 0.75x (31 against 41 tok/s, `localmix bench --vram 0 --ctx 8192`, load average ~2).
-CPU_PREFILL_EFFICIENCY = 0.5
+# K-quant blocks, the MoE's per-expert gathers, a thread barrier per op). Fitted with
+# benchmarks/runtime_tuning.py --parts prefill on the project's 2-core machine, quiet (load average 1.1): the smol
+# fixture (Q4_K_M, 8 experts) prefilled 512 tokens at 183 tok/s and 4096 at 136 (`localmix bench --vram 0`),
+# against 112 and 88 predicted at 0.5 (the issue's 108 tok/s was measured on a busy machine: 0.5 fitted it).
+# Attention's quadratic part (attention_flops) predicts 0.78x the 512-token rate at 4096; measured 0.74x.
+CPU_PREFILL_EFFICIENCY = 0.8
 
 # Networks for --rpc-network: (hop_seconds, bytes/s). A hop is one round trip of a layer's activations
 # plus the worker's dispatch of its graph split (ggml-rpc's GRAPH_RECOMPUTE: waking its threads, ~50-100

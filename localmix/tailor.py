@@ -33,7 +33,7 @@ from quantize.sensitivity import Option, Unit, total_error
 
 from .errors import DoesNotFit, LocalmixError
 from .model_info import ModelInfo, Tensor, layer_of, role
-from .planner import Budget, Plan, plan, reads_on_gpu
+from .planner import UBATCH, Budget, Plan, plan, reads_on_gpu
 from .units import GiB
 
 MAX_ROUNDS = 6  # placement and types settle in two or three; an oscillating pair stops here
@@ -107,7 +107,10 @@ def tailor(base: ModelInfo, units: list[Unit], reference: dict[str, T], budget: 
     def planned(types: dict[str, T], b: Budget = budget) -> tuple[ModelInfo, Plan | None]:
         info = sized(base, units, types)
         try:
-            return info, plan(info, b, ctx, kv_type)
+            # Decode is the target, so the file is chosen under the decode-best micro-batch (the smallest): at run
+            # time the planner may trade up to UBATCH_DECODE_TOLERANCE of it for prefill. With the runtime's
+            # choice, more RAM (room for a larger micro-batch) could mean a worse file.
+            return info, plan(info, b, ctx, kv_type, ubatch=UBATCH)
         except DoesNotFit:
             return info, None
 
@@ -178,7 +181,7 @@ def _better(a, b, by_error: bool) -> bool:
 def _no_fit(info: ModelInfo, budget: Budget, ctx: int, kv_type: str) -> str:
     """The planner's own words for why info does not fit ('it needs 80.1 GiB (...), but the budget is ...')."""
     try:
-        plan(info, budget, ctx, kv_type)
+        plan(info, budget, ctx, kv_type, ubatch=UBATCH)
     except DoesNotFit as e:
         return str(e).partition(" does not fit: ")[2]
     return "it fits"  # not reached: called for a table that did not fit

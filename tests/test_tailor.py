@@ -11,7 +11,7 @@ import pytest
 
 from localmix.errors import LocalmixError
 from localmix.model_info import ModelInfo
-from localmix.planner import Budget, plan
+from localmix.planner import UBATCH, Budget, plan
 from localmix.tailor import byte_prices, info_from_plan, sized, tailor
 from localmix.units import GiB
 from quantize.allocate import by_bytes
@@ -99,7 +99,7 @@ def test_budgets_kept_and_target_reached(tables, shape, vram):
             u.option(got.types[u.name])  # a candidate of the unit: a type llama.cpp accepts for its rows
         # The result is what it says: its table, its plan on the budget, its error.
         assert got.info == sized(t.base, t.units, got.types)
-        assert got.plan == plan(got.info, b, CTX)
+        assert got.plan == plan(got.info, b, CTX, ubatch=UBATCH)  # decode's best micro-batch: the target is decode
         assert got.error == pytest.approx(total_error(t.units, got.types))
         assert got.reference_error == pytest.approx(total_error(t.units, t.reference))
     assert reached >= 3

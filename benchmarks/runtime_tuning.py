@@ -68,6 +68,15 @@ def label(setting: int | None) -> str:
     return "auto" if setting is None else f"--threads {setting}"
 
 
+def interleaved(loaded: dict, rounds: int, measure) -> dict:
+    """Median of `measure(backend)` per setting, the settings taking turns in each round."""
+    speeds: dict = {s: [] for s in loaded}
+    for _ in range(rounds):
+        for s, backend in loaded.items():
+            speeds[s].append(measure(backend))
+    return {label(s): statistics.median(v) for s, v in speeds.items()}
+
+
 def threads_part(model: Path, rounds: int, gen_tokens: int) -> list[dict]:
     from localmix.commands.bench import prompt_tokens
     from localmix.hardware import other_load, physical_cores
@@ -116,13 +125,10 @@ def duty_part(model: Path, rounds: int, gen_tokens: int) -> list[dict]:
         for duty in (0.3, 0.5, 0.8):
             proc = spinner(duty)
             try:
-                speeds: dict = {s: [] for s in settings}
-                for _ in range(rounds):
-                    for s in settings:
-                        speeds[s].append(decode_speed(loaded[s], prompt, gen_tokens))
+                med = interleaved(loaded, rounds, lambda b: decode_speed(b, prompt, gen_tokens))
             finally:
                 stop(proc)
-            rows.append({"duty": duty, "medians": {label(s): statistics.median(v) for s, v in speeds.items()}})
+            rows.append({"duty": duty, "medians": med})
             print(json.dumps(rows[-1]), file=sys.stderr)
     finally:
         for b in loaded.values():
@@ -143,14 +149,11 @@ def batch_part(model: Path, rounds: int) -> list[dict]:
         for state in ("idle", "one core busy"):
             proc = spinner() if state != "idle" else None
             try:
-                speeds: dict = {s: [] for s in settings}
-                for _ in range(rounds):
-                    for s in settings:
-                        speeds[s].append(loaded[s].measure(prompt, 1).prefill_tps)
+                med = interleaved(loaded, rounds, lambda b: b.measure(prompt, 1).prefill_tps)
             finally:
                 if proc:
                     stop(proc)
-            rows.append({"state": state, "medians": {label(s): statistics.median(v) for s, v in speeds.items()}})
+            rows.append({"state": state, "medians": med})
             print(json.dumps(rows[-1]), file=sys.stderr)
     finally:
         for b in loaded.values():

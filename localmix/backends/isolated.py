@@ -46,7 +46,7 @@ POLL = 0.5  # seconds between looks at a cancel's age while a reply's next piece
 
 def endpoints(plan: Plan) -> tuple[str, ...]:
     """The workers the plan uses, each once, in order."""
-    return tuple(dict.fromkeys(r.endpoint for r in getattr(plan, "remotes", ())))
+    return tuple(dict.fromkeys(r.endpoint for r in plan.remotes))
 
 
 def probe_all(endpoints: tuple[str, ...], timeout: float = 5.0) -> None:
@@ -123,9 +123,7 @@ def _serve(conn, info: ModelInfo, plan: Plan, ctx: int, kv_type: str, threads: i
             finally:
                 send_lock.release()
 
-    on_fatal = getattr(llamacpp, "on_fatal", None)  # H1's; before it, the parent names the workers alone
-    if on_fatal is not None:
-        on_fatal(lambda message: send("fatal", message))
+    llamacpp.on_fatal(lambda message: send("fatal", message))
     backend = LlamaBackend(info, plan, ctx=ctx, kv_type=kv_type, threads=threads, verbose=verbose, repack=repack)
     try:
         backend.load(lambda f: send("progress", f))

@@ -39,7 +39,7 @@ class LlamaBackend:
             self.info.path, n_gpu_layers=gpu_layers_arg(self.info, self.plan), cpu_patterns=override_patterns(self.plan),
             rpc_patterns=remote_patterns(self.plan), repack=self.repack,
             ctx=self.ctx, threads=self.threads_now.decode, kv_type=self.kv_type, progress=progress, verbose=self.verbose,
-            batch=getattr(self.plan, "n_batch", 512), ubatch=getattr(self.plan, "n_ubatch", 512),
+            batch=self.plan.n_batch, ubatch=self.plan.n_ubatch,
             # Flash attention: on the GPU always; on the CPU when the KV cache is quantized (llama.cpp
             # needs it for a quantized V cache).
             flash_attn=self.plan.n_gpu_layers > 0 or self.kv_type != "f16",
